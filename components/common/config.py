@@ -1,0 +1,182 @@
+"""The run configuration: frozen dataclasses, named presets, ``section.key=value`` overrides.
+
+One source of truth: the CLI, the KFP pipeline parameters (``preset`` + ``overrides``) and every
+step resolve the same :class:`RunConfig` with :func:`resolve`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field, fields, replace
+
+from model.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # broken or missing images allowed before validation fails (share of referenced images)
+    max_broken_image_share: float = 0.0
+    min_train_pairs: int = 1
+    min_test_pairs: int = 1
+    image_check_workers: int = 8
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = -1  # -1: run `epochs` epochs
+    epochs: float = 1.0
+    batch_pairs: int = 16  # pairs per process; 2x notes
+    lr: float = 3e-6
+    weight_decay: float = 1e-3
+    warmup_ratio: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 42
+    log_every: int = 10
+    val_every: int = 100
+    num_workers: int = 2
+    # learning-rate multiplier for the newly initialised parts (connector, fusion, head)
+    new_params_lr_mult: float = 1.0
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    batch_size: int = 64
+    scope: str = "all"  # "all" notes or only the "test" notes
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    factory: str = "Flat"  # FAISS index factory string, inner product
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    ks: tuple[int, ...] = (10, 20, 50, 100, 1000, 10000, 100000, 1000000)
+    probes: bool = True
+    query_chunk: int = 1024
+
+
+@dataclass(frozen=True)
+class RegisterConfig:
+    model_name: str = "notellm2"
+    alias: str = "challenger"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, object]:
+        """``{"train.lr": 3e-06, ...}`` — for MLflow params and error messages."""
+        return {f"{s}.{k}": v for s, sect in self.to_dict().items() for k, v in sect.items()}
+
+
+PRESETS: dict[str, dict[str, object]] = {
+    # CPU tests and the demo: a 2-layer Qwen2 and a 2-layer CLIP at 32 px, a few hundred steps
+    "tiny": {
+        "model.image_size": 32, "model.num_query_tokens": 4, "model.max_tokens": 96,
+        "model.tiny_hidden_size": 64, "model.tiny_vision_hidden_size": 64,
+        "train.max_steps": 300, "train.epochs": 1000.0, "train.batch_pairs": 32,
+        "train.lr": 2e-3, "train.warmup_ratio": 0.05, "train.weight_decay": 0.0,
+        "train.log_every": 10, "train.val_every": 100, "train.num_workers": 0,
+        "embed.batch_size": 128,
+    },
+    # The paper's recipe at a size one GPU node handles (weights from the hub at run time).
+    "qwen2-0.5b-clip-b16": {
+        "model.llm": "Qwen/Qwen2.5-0.5B", "model.vision": "openai/clip-vit-base-patch16",
+        "model.image_size": 224, "model.num_query_tokens": 16,
+        "train.batch_pairs": 16, "train.lr": 3e-6, "train.epochs": 1.0,
+        "train.new_params_lr_mult": 100.0,
+    },
+    "qwen2-7b-clip-b16": {
+        "model.llm": "Qwen/Qwen2-7B", "model.vision": "openai/clip-vit-base-patch16",
+        "model.image_size": 224, "model.num_query_tokens": 16, "model.gradient_checkpointing": True,
+        "train.batch_pairs": 16, "train.lr": 3e-6, "train.epochs": 1.0,
+        "train.new_params_lr_mult": 100.0,
+    },
+}
+DEFAULT_PRESET = "tiny"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _coerce(value: str | object, typ, key: str):
+    if not isinstance(value, str):
+        return value
+    origin = typing.get_origin(typ)
+    try:
+        if typ is bool:
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if typ is int:
+            return int(value)
+        if typ is float:
+            return float(value)
+        if origin is tuple:
+            (inner, *_) = typing.get_args(typ)
+            items = json.loads(value) if value.strip().startswith("[") else value.split(",")
+            return tuple(inner(x) for x in items if str(x).strip())
+        if typ is str or isinstance(typ, types.UnionType):
+            return value
+    except (ValueError, json.JSONDecodeError):
+        raise ConfigError(f"{key}: cannot read {value!r} as {getattr(typ, '__name__', typ)}") from None
+    return value
+
+
+def _hints(cls) -> dict[str, object]:
+    return typing.get_type_hints(cls)
+
+
+def valid_keys() -> list[str]:
+    return sorted(RunConfig().flat())
+
+
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = str(item).partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. train.max_steps=50)")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def resolve(preset: str = DEFAULT_PRESET, overrides: list[str] | dict | None = None) -> RunConfig:
+    """Preset + overrides -> RunConfig. Unknown presets and keys are errors listing valid ones."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+    values: dict[str, object] = dict(PRESETS[preset])
+    values.update(overrides if isinstance(overrides, dict) else parse_overrides(overrides or []))
+    cfg = RunConfig()
+    sections = {f.name: f.type for f in fields(RunConfig)}
+    unknown = [k for k in values if k.partition(".")[0] not in sections
+               or k.partition(".")[2] not in {f.name for f in fields(getattr(cfg, k.partition(".")[0]))}]
+    if unknown:
+        raise ConfigError(f"unknown config key(s): {', '.join(sorted(unknown))}. Valid keys:\n  "
+                          + "\n  ".join(valid_keys()))
+    changes: dict[str, dict[str, object]] = {}
+    for key, value in values.items():
+        sect, _, name = key.partition(".")
+        hints = _hints(type(getattr(cfg, sect)))
+        changes.setdefault(sect, {})[name] = _coerce(value, hints[name], key)
+    try:
+        return replace(cfg, **{s: replace(getattr(cfg, s), **kv) for s, kv in changes.items()})
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from None

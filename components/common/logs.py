@@ -1,0 +1,19 @@
+"""Logging and progress output that read well both in a terminal and in a KFP/pod log."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+
+def setup(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, stream=sys.stdout, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("faiss.loader", "urllib3", "alembic", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # In a pod or under kfp.local the output is a pipe: let tqdm print a line now and then
+    # instead of redrawing one line with carriage returns.
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_MININTERVAL", "10")
+        os.environ.setdefault("TQDM_ASCII", "1")

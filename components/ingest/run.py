@@ -1,0 +1,32 @@
+"""ingest: read a data folder (official NoteLLM CSV or canonical Parquet/JSONL, local or gs://)
+and write canonical Parquet tables; open the pipeline's MLflow run."""
+
+from __future__ import annotations
+
+import logging
+
+from components.common import tracking
+from components.common.readers import read_dataset, write_canonical
+
+log = logging.getLogger(__name__)
+
+
+def run(data_uri: str, out_dir: str, *, tracking_uri: str = "", experiment: str = "notellm2",
+        run_name: str = "", tags: dict[str, str] | None = None) -> tuple[dict, str]:
+    """Returns (manifest, mlflow_run_id)."""
+    ds = read_dataset(data_uri)
+    for w in ds.warnings:
+        log.warning(w)
+    manifest = write_canonical(ds, out_dir)
+    run_id = tracking.create_run(tracking_uri, experiment, run_name,
+                                 {"data_uri": data_uri, "data_layout": ds.layout, **(tags or {})})
+    with tracking.pipeline_run(tracking_uri, run_id):
+        import mlflow
+
+        mlflow.log_params({"data.uri": data_uri, "data.layout": ds.layout,
+                           "data.slices": ",".join(ds.slices) or "-"})
+        tracking.log_metrics({f"data/notes_{k}": v for k, v in manifest["notes"].items()}
+                             | {f"data/pairs_{k}": v for k, v in manifest["pairs"].items()})
+    log.info("ingested %s (%s layout): notes %s, pairs %s", data_uri, ds.layout,
+             manifest["notes"], manifest["pairs"])
+    return manifest, run_id

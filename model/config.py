@@ -1,0 +1,86 @@
+"""Model configuration. Frozen: change with ``dataclasses.replace``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+VARIANTS = ("text_only", "mllm_basic", "late_fusion", "micl", "notellm2")
+
+TINY = "tiny"  # build the part from the tiny_* sizes below instead of loading weights
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What the NoteLLM-2 network is made of.
+
+    ``llm`` and ``vision`` name a Hugging Face id or a local folder; ``"tiny"`` builds the part
+    from a real transformers config (Qwen2 / CLIP vision) at the ``tiny_*`` sizes, with a
+    tokenizer trained on the training notes — that is how tests and the demo run without a hub.
+    """
+
+    variant: str = "notellm2"
+    llm: str = TINY
+    vision: str = TINY
+    trust_remote_code: bool = False
+    # connector: image patches -> num_query_tokens LLM-width tokens that replace <IMG>
+    connector: str = "mlp"
+    num_query_tokens: int = 16
+    embed_dim: int = 64
+    # prompt
+    prompt_language: str = "en"  # "en" or "zh" (the reference code's wording)
+    max_tokens: int = 140  # text tokens, image tokens not counted
+    title_max_chars: int = 20
+    content_max_chars: int = 80
+    max_topics: int = 10
+    image_size: int = 224
+    # loss
+    log_scale_init: float = 3.0  # learnable log of 1/temperature; e^3 ≈ 20
+    loss_weight_m: float = 9.0
+    loss_weight_v: float = 1.0
+    # trainable parts
+    train_vision: bool = False
+    train_llm: bool = True
+    train_connector: bool = True
+    train_fusion: bool = True
+    gradient_checkpointing: bool = False
+    # sizes used when llm / vision == "tiny"
+    tiny_hidden_size: int = 64
+    tiny_num_layers: int = 2
+    tiny_num_heads: int = 4
+    tiny_vocab_size: int = 2000
+    tiny_vision_hidden_size: int = 64
+    tiny_vision_layers: int = 2
+    tiny_patch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"model.variant must be one of {', '.join(VARIANTS)}, "
+                             f"not {self.variant!r}")
+        if self.connector not in ("mlp",):
+            raise ValueError(f"model.connector must be 'mlp', not {self.connector!r}")
+        if self.prompt_language not in ("en", "zh"):
+            raise ValueError(f"model.prompt_language must be 'en' or 'zh', "
+                             f"not {self.prompt_language!r}")
+        if self.embed_dim <= 0 or self.num_query_tokens <= 0:
+            raise ValueError("model.embed_dim and model.num_query_tokens must be positive")
+
+    # which parts a variant uses
+    @property
+    def uses_image_tokens(self) -> bool:
+        return self.variant in ("mllm_basic", "micl", "notellm2")
+
+    @property
+    def uses_fusion(self) -> bool:
+        return self.variant in ("late_fusion", "notellm2")
+
+    @property
+    def uses_visual_vector(self) -> bool:
+        """mICL variants also produce n_v and train it with L_v."""
+        return self.variant in ("micl", "notellm2")
+
+    @property
+    def needs_vision(self) -> bool:
+        return self.variant != "text_only"
+
+    def to_dict(self) -> dict:
+        return asdict(self)

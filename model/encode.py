@@ -1,0 +1,54 @@
+"""The encode loop: length-sorted batches, inference mode, order restored, unit vectors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from model.collator import NoteCollator, apply_probe
+from model.prompts import NoteInput
+
+
+def encode(model, notes: Sequence[NoteInput], *, batch_size: int = 64, probe: str | None = None,
+           device: str | None = None, progress: bool = True, desc: str = "embed") -> np.ndarray:
+    """(N, d) float32 unit vectors (fused ``n_m``) for ``notes``, in input order.
+
+    ``notes`` may be a lazy sequence (images decoded on access); only one batch of images is
+    held at a time.
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device).eval()
+    collator = NoteCollator(model)
+    # tokenise texts only (no images) to sort by length
+    texts = [NoteInput(n.title, n.content, n.topics) for n in _iter(notes)]
+    texts = [apply_probe(n, probe) for n in texts]
+    ids = collator.token_ids(texts)
+    order = np.argsort([-len(x) for x in ids], kind="stable")
+    out = np.zeros((len(ids), model.config.embed_dim), dtype=np.float32)
+    use_amp = device.startswith("cuda")
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    bar = tqdm(total=len(ids), desc=desc, unit="note", disable=not progress)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            batch_notes = [apply_probe(notes[i], probe) for i in idx]
+            batch = collator(batch_notes, [ids[i] for i in idx])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with torch.autocast(device_type="cuda", dtype=amp_dtype, enabled=use_amp):
+                vec = model(**batch)["n_m"]
+            out[idx] = vec.float().cpu().numpy()
+            bar.update(len(idx))
+    bar.close()
+    return out
+
+
+def _iter(notes: Sequence[NoteInput]):
+    texts = getattr(notes, "texts", None)  # lazy sequences can hand out texts without images
+    if texts is not None:
+        yield from texts()
+        return
+    for i in range(len(notes)):
+        yield notes[i]

@@ -1,0 +1,259 @@
+"""The NoteLLM-2 multimodal representation model (MLRM + mICL + late fusion).
+
+Shape legend: B notes, T tokens, H LLM width, Dv vision width, P patches, Q image tokens,
+S image side, d embedding size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import TINY, ModelConfig
+from model.prompts import IMG, IMG_EMB, PromptBuilder
+from model.tokenizer import add_placeholder_tokens, resize_with_mean, train_tiny_tokenizer
+
+FORMAT_VERSION = 1
+
+
+class MlpConnector(nn.Module):
+    """Patch features -> Q LLM-width tokens: average-pool the patches to Q, then GELU MLP."""
+
+    def __init__(self, vision_width: int, llm_width: int, num_tokens: int):
+        super().__init__()
+        self.num_tokens = num_tokens
+        self.proj = nn.Sequential(nn.Linear(vision_width, llm_width), nn.GELU(),
+                                  nn.Linear(llm_width, llm_width))
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        # (B, P, Dv) -> (B, Q, Dv)
+        if patches.shape[1] != self.num_tokens:
+            patches = F.adaptive_avg_pool1d(patches.transpose(1, 2), self.num_tokens).transpose(1, 2)
+        return self.proj(patches)  # (B, Q, H)
+
+
+class LateFusion(nn.Module):
+    """Gate the LLM vector with the vision CLS: ``z = σ(W_g[h; v])``, ``ĥ = z⊙h + (1−z)⊙v``."""
+
+    def __init__(self, vision_width: int, llm_width: int):
+        super().__init__()
+        self.vision_proj = nn.Linear(vision_width, llm_width)  # W_p
+        self.gate = nn.Linear(2 * llm_width, llm_width, bias=False)  # W_g
+
+    def forward(self, h: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+        v = self.vision_proj(cls)  # (B, H)
+        z = torch.sigmoid(self.gate(torch.cat([h, v], dim=-1)))  # (B, H)
+        return z * h + (1 - z) * v
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last non-pad token per row; right and left padding alike. (B, T) -> (B,)"""
+    T = attention_mask.shape[1]
+    return T - 1 - attention_mask.flip(1).int().argmax(dim=1)
+
+
+class NoteLLM2(nn.Module):
+    """LLM + vision tower + connector + late fusion + 64-d head, one code path for all variants."""
+
+    def __init__(self, config: ModelConfig, llm: nn.Module, vision: nn.Module | None,
+                 tokenizer, image_processor=None):
+        super().__init__()
+        self.config = config
+        self.llm = llm
+        self.vision = vision
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        H = llm.config.hidden_size
+        Dv = vision.config.hidden_size if vision is not None else 0
+        self.connector = (MlpConnector(Dv, H, config.num_query_tokens)
+                          if config.uses_image_tokens else None)
+        self.fusion = LateFusion(Dv, H) if config.uses_fusion else None
+        self.head = nn.Linear(H, config.embed_dim, bias=False)
+        self.log_scale = nn.Parameter(torch.tensor(float(config.log_scale_init)))
+        self.img_id = tokenizer.convert_tokens_to_ids(IMG)
+        self.img_emb_id = tokenizer.convert_tokens_to_ids(IMG_EMB)
+        self.prompts = PromptBuilder(
+            tokenizer, config.variant, language=config.prompt_language,
+            num_query_tokens=config.num_query_tokens, max_tokens=config.max_tokens,
+            title_max_chars=config.title_max_chars, content_max_chars=config.content_max_chars,
+            max_topics=config.max_topics)
+        self.set_trainable(vision=config.train_vision, llm=config.train_llm,
+                           connector=config.train_connector, fusion=config.train_fusion)
+        if config.gradient_checkpointing and hasattr(llm, "gradient_checkpointing_enable"):
+            llm.gradient_checkpointing_enable()
+
+    # -- parts --------------------------------------------------------------------------------
+
+    def set_trainable(self, *, vision: bool, llm: bool, connector: bool, fusion: bool) -> None:
+        for module, flag in ((self.vision, vision), (self.llm, llm),
+                             (self.connector, connector), (self.fusion, fusion)):
+            if module is not None:
+                module.requires_grad_(flag)
+
+    @property
+    def has_cls_token(self) -> bool:
+        return self.vision is not None and "clip" in self.vision.config.model_type
+
+    def encode_image(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, S, S) -> patches (B, P, Dv), pooled CLS (B, Dv)."""
+        out = self.vision(pixel_values=pixel_values)
+        hidden = out.last_hidden_state  # (B, 1+P, Dv) for CLIP, (B, P, Dv) for SigLIP
+        patches = hidden[:, 1:] if self.has_cls_token else hidden
+        return patches, out.pooler_output
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                pixel_values: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
+        """Note vectors.
+
+        input_ids, attention_mask: (B, T); pixel_values: (B, 3, S, S).
+        Returns ``n_m`` (B, d) and, for the mICL variants, ``n_v`` (B, d), both L2-normalised.
+        """
+        cfg = self.config
+        embeds = self.llm.get_input_embeddings()(input_ids)  # (B, T, H)
+        cls = None
+        if self.vision is not None and pixel_values is not None:
+            vision_dtype = next(self.vision.parameters()).dtype
+            patches, cls = self.encode_image(pixel_values.to(vision_dtype))
+            if self.connector is not None:
+                img_tokens = self.connector(patches.to(embeds.dtype))  # (B, Q, H)
+                slots = (input_ids == self.img_id).unsqueeze(-1)  # (B, T, 1)
+                embeds = embeds.masked_scatter(slots, img_tokens.to(embeds.dtype))
+        # positions count real tokens only, so left padding gives the same vectors as right
+        position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T)
+        hidden = self.llm(inputs_embeds=embeds, attention_mask=attention_mask,
+                          position_ids=position_ids).last_hidden_state  # (B, T, H)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        h_m = hidden[rows, last_token_index(attention_mask)]  # (B, H)
+        h_v = None
+        if cfg.uses_visual_vector:
+            pos = (input_ids == self.img_emb_id).int().argmax(dim=1) - 1  # token before <IMG_EMB>
+            h_v = hidden[rows, pos]  # (B, H)
+        if self.fusion is not None and cls is not None:
+            cls = cls.to(h_m.dtype)
+            h_m = self.fusion(h_m, cls)
+            h_v = self.fusion(h_v, cls) if h_v is not None else None
+        n_m = F.normalize(self.head(h_m).float(), dim=-1)
+        n_v = F.normalize(self.head(h_v).float(), dim=-1) if h_v is not None else None
+        return {"n_m": n_m, "n_v": n_v}
+
+    # -- save / load --------------------------------------------------------------------------
+
+    def save_pretrained(self, path: str) -> None:
+        """config.json, model.safetensors, llm/ and vision/ configs, tokenizer/, image_processor/."""
+        from safetensors.torch import save_model
+
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump({"format_version": FORMAT_VERSION, "model": self.config.to_dict()}, f,
+                      indent=2)
+        self.llm.config.save_pretrained(os.path.join(path, "llm"))
+        if self.vision is not None:
+            self.vision.config.save_pretrained(os.path.join(path, "vision"))
+        self.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
+        if self.image_processor is not None:
+            self.image_processor.save_pretrained(os.path.join(path, "image_processor"))
+        save_model(self, os.path.join(path, "model.safetensors"))
+
+    @classmethod
+    def from_pretrained(cls, path: str, map_location: str = "cpu") -> NoteLLM2:
+        from safetensors.torch import load_model
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        with open(os.path.join(path, "config.json")) as f:
+            saved = json.load(f)
+        if saved.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path}: model format {saved.get('format_version')} is not "
+                             f"{FORMAT_VERSION}; re-export it with this version")
+        known = {f.name for f in fields(ModelConfig)}
+        config = ModelConfig(**{k: v for k, v in saved["model"].items() if k in known})
+        tokenizer = AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"))
+        llm = AutoModel.from_config(AutoConfig.from_pretrained(os.path.join(path, "llm")),
+                                    trust_remote_code=config.trust_remote_code)
+        vision = processor = None
+        if os.path.isdir(os.path.join(path, "vision")):
+            vision = AutoModel.from_config(AutoConfig.from_pretrained(os.path.join(path, "vision")))
+            processor = load_image_processor(os.path.join(path, "image_processor"))
+        model = cls(config, llm, vision, tokenizer, processor)
+        load_model(model, os.path.join(path, "model.safetensors"), device=map_location)
+        return model.eval()
+
+
+def load_image_processor(path: str):
+    # The PIL backend: the same pixels on every machine, with or without torchvision.
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(path, backend="pil")
+    except (TypeError, ValueError):
+        return AutoImageProcessor.from_pretrained(path)
+
+
+# -- builders ------------------------------------------------------------------------------------
+
+
+def build_model(config: ModelConfig, *, corpus: list[str] | None = None, seed: int = 0) -> NoteLLM2:
+    """Build a fresh NoteLLM-2 from ``config``. ``corpus`` trains the tiny tokenizer."""
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(config, corpus or [])
+    llm = build_llm(config, tokenizer)
+    vision, processor = build_vision(config) if config.needs_vision else (None, None)
+    return NoteLLM2(config, llm, vision, tokenizer, processor)
+
+
+def build_tokenizer(config: ModelConfig, corpus: list[str]):
+    if config.llm == TINY:
+        return train_tiny_tokenizer(corpus, vocab_size=config.tiny_vocab_size)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(config.llm, trust_remote_code=config.trust_remote_code)
+    add_placeholder_tokens(tok)
+    return tok
+
+
+def build_llm(config: ModelConfig, tokenizer) -> nn.Module:
+    from transformers import AutoModel, Qwen2Config
+
+    if config.llm == TINY:
+        h = config.tiny_hidden_size
+        llm_config = Qwen2Config(
+            vocab_size=len(tokenizer), hidden_size=h, intermediate_size=2 * h,
+            num_hidden_layers=config.tiny_num_layers, num_attention_heads=config.tiny_num_heads,
+            num_key_value_heads=config.tiny_num_heads, max_position_embeddings=1024,
+            tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+        )
+        return AutoModel.from_config(llm_config)
+    llm = AutoModel.from_pretrained(config.llm, trust_remote_code=config.trust_remote_code)
+    old = llm.get_input_embeddings().weight.shape[0]
+    resize_with_mean(llm, tokenizer, max(0, len(tokenizer) - old))
+    return llm
+
+
+def build_vision(config: ModelConfig):
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel, CLIPVisionConfig
+
+    if config.vision == TINY:
+        from transformers import CLIPImageProcessorPil
+
+        w = config.tiny_vision_hidden_size
+        vc = CLIPVisionConfig(hidden_size=w, intermediate_size=2 * w,
+                              num_hidden_layers=config.tiny_vision_layers, num_attention_heads=4,
+                              image_size=config.image_size, patch_size=config.tiny_patch_size)
+        s = config.image_size
+        processor = CLIPImageProcessorPil(size={"shortest_edge": s},
+                                          crop_size={"height": s, "width": s})
+        return AutoModel.from_config(vc), processor
+    vc = AutoConfig.from_pretrained(config.vision)
+    vc = getattr(vc, "vision_config", vc)  # a full CLIP/SigLIP checkpoint: take its tower
+    from transformers import CLIPVisionModel, SiglipVisionModel
+
+    tower = SiglipVisionModel if "siglip" in vc.model_type else CLIPVisionModel
+    vision = tower.from_pretrained(config.vision)
+    processor = AutoImageProcessor.from_pretrained(config.vision)
+    return vision, processor

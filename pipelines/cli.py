@@ -1,0 +1,111 @@
+"""``notellm2`` — the command line. It only translates arguments; the work is in the library."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+import click
+
+from components.common.config import PRESETS, ConfigError
+from components.common.schema import DataError
+
+
+def _fail(msg: str) -> None:
+    click.secho(f"error: {msg}", fg="red", err=True)
+    sys.exit(1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="notellm2-kfp")
+def main() -> None:
+    """Train, evaluate and ship NoteLLM-2 note representations with Kubeflow Pipelines."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+
+
+@main.command("make-demo-data")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write.")
+@click.option("--notes", default=1200, show_default=True, help="Number of notes.")
+@click.option("--seed", default=0, show_default=True, help="Random seed (same seed, same data).")
+def make_demo_data_cmd(out: str, notes: int, seed: int) -> None:
+    """Write a synthetic multimodal data set in the official NoteLLM layout."""
+    from pipelines.demo_data import make_demo_data
+
+    try:
+        counts = make_demo_data(out, notes=notes, seed=seed)
+    except ValueError as e:
+        _fail(str(e))
+    click.echo(f"wrote {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+
+def _run_local(data: str, work: str, preset: str, overrides: tuple[str, ...]) -> None:
+    from pipelines.local import PipelineFailed, run_local, summary_table
+
+    t0 = time.perf_counter()
+    try:
+        res = run_local(data, work, preset=preset, overrides=overrides)
+    except (ConfigError, DataError) as e:
+        _fail(str(e))
+    except PipelineFailed as e:
+        _fail(f"{e}\nThe failing task's log above says why. Nothing was registered.")
+    click.echo("")
+    click.secho(f"pipeline finished in {time.perf_counter() - t0:.0f} s", fg="green", bold=True)
+    click.echo(summary_table(res.metrics))
+    click.echo(f"\nresults in {res.work}: metrics.json, report.md, model/, embeddings/, index/")
+    click.echo(f"registered model: {res.model_uri}")
+    if res.tracking_uri.startswith("sqlite:///"):
+        click.echo(f"MLflow UI:        mlflow ui --backend-store-uri {res.tracking_uri}")
+    else:
+        click.echo(f"MLflow:           {res.tracking_uri}")
+
+
+@main.command("run-local")
+@click.option("--data", required=True, help="Data folder (official NoteLLM CSV or canonical "
+              "Parquet layout; local path or gs://).")
+@click.option("--work", required=True, type=click.Path(file_okay=False),
+              help="Work folder for results and the MLflow store.")
+@click.option("--preset", default="tiny", show_default=True, type=click.Choice(list(PRESETS)))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Config override, repeatable, e.g. --set train.max_steps=50.")
+def run_local_cmd(data: str, work: str, preset: str, overrides: tuple[str, ...]) -> None:
+    """Run the whole KFP pipeline on this machine with kfp.local."""
+    _run_local(data, work, preset, overrides)
+
+
+@main.command("demo")
+@click.option("--work", default="work/demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--notes", default=1200, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+def demo_cmd(work: str, notes: int, seed: int, overrides: tuple[str, ...]) -> None:
+    """Generate the demo data set and run the pipeline on it with the tiny preset."""
+    from pipelines.demo_data import make_demo_data
+
+    data = os.path.join(work, "data")
+    if not os.path.exists(os.path.join(data, "notes_train.csv")):
+        click.echo(f"generating demo data in {data} …")
+        make_demo_data(data, notes=notes, seed=seed)
+    _run_local(data, work, "tiny", overrides)
+
+
+@main.command("compile")
+@click.option("--output", required=True, type=click.Path(dir_okay=False),
+              help="YAML file to write.")
+@click.option("--image", default=None, help="Component image (default: from the package "
+              "version, or $NOTELLM2_IMAGE).")
+def compile_cmd(output: str, image: str | None) -> None:
+    """Compile the pipeline to KFP IR YAML for the Kubeflow Pipelines UI or kfp.Client."""
+    from pipelines.compile import compile_pipeline
+
+    try:
+        compile_pipeline(output, image=image)
+    except ValueError as e:
+        _fail(str(e))
+    click.echo(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Run the pipeline on this machine with ``kfp.local`` and lay the results out in a work folder.
+
+WORK/
+  metrics.json  report.md  recall_at_k.png   evaluation
+  model/        the trained model (save_pretrained format)
+  embeddings/   notes.parquet (note_id, split, vector), vectors.npy, probe_*.parquet
+  index/        index.faiss, ids.parquet, index.json
+  mlflow.db     the MLflow store, unless MLFLOW_TRACKING_URI is set
+  pipeline_root/ every task's raw outputs, as kfp.local leaves them
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+
+from components.common import storage
+from components.common.config import resolve
+from components.common.readers import detect_layout
+from components.common.tracking import ENV as TRACKING_ENV
+
+log = logging.getLogger(__name__)
+RESULTS = ("metrics.json", "report.md", "recall_at_k.png", "model", "embeddings", "index")
+
+
+class PipelineFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class LocalResult:
+    work: str
+    metrics: dict
+    model_uri: str
+    tracking_uri: str
+
+
+def default_tracking(work: str) -> tuple[str, bool]:
+    """(tracking URI, whether it is the work folder's own SQLite store)."""
+    uri = os.environ.get(TRACKING_ENV, "")
+    if uri:
+        return uri, False
+    return f"sqlite:///{os.path.join(work, 'mlflow.db')}", True
+
+
+def _prepare_store(uri: str, work: str, experiment: str) -> None:
+    """Create the experiment with its artifacts inside the work folder (not ./mlruns)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    if client.get_experiment_by_name(experiment) is None:
+        client.create_experiment(experiment, artifact_location=
+                                 "file://" + os.path.join(work, "mlartifacts"))
+
+
+def run_local(data: str, work: str, *, preset: str = "tiny", overrides: tuple[str, ...] = (),
+              experiment: str = "notellm2", run_name: str = "") -> LocalResult:
+    """Run the whole pipeline; raise :class:`PipelineFailed` naming the task that failed."""
+    resolve(preset, list(overrides))  # fail on a bad key before anything starts
+    data = data if storage.is_gcs(data) else os.path.abspath(data)
+    detect_layout(data)
+    work = os.path.abspath(work)
+    os.makedirs(work, exist_ok=True)
+    for name in RESULTS:  # results of an earlier run must not pass for this run's
+        path = os.path.join(work, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+    uri, own_store = default_tracking(work)
+    if own_store:
+        _prepare_store(uri, work, experiment)
+
+    from kfp import local
+
+    from pipelines.pipeline import notellm2_pipeline
+
+    local.init(runner=local.SubprocessRunner(use_venv=False),
+               pipeline_root=os.path.join(work, "pipeline_root"), raise_on_error=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
+        try:
+            task = notellm2_pipeline(data_uri=data, preset=preset, overrides=list(overrides),
+                                     mlflow_tracking_uri=uri, mlflow_experiment=experiment,
+                                     run_name=run_name)
+        except RuntimeError as e:
+            raise PipelineFailed(_plain(str(e))) from None
+    out = task.outputs
+    _publish(out, work)
+    with open(os.path.join(work, "metrics.json")) as f:
+        metrics = json.load(f)
+    return LocalResult(work=work, metrics=metrics, model_uri=out["model_uri"], tracking_uri=uri)
+
+
+def _plain(msg: str) -> str:
+    import re
+
+    return re.sub(r"\x1b\[[0-9;]*m", "", msg)
+
+
+def _publish(out: dict, work: str) -> None:
+    """Copy the pipeline's outputs into the work-folder layout (only after every task passed)."""
+    ev = out["evaluation"].path
+    for name in ("metrics.json", "report.md", "recall_at_k.png"):
+        if os.path.exists(os.path.join(ev, name)):
+            shutil.copyfile(os.path.join(ev, name), os.path.join(work, name))
+    for key in ("model", "embeddings", "index"):
+        shutil.copytree(out[key].path, os.path.join(work, key))
+
+
+def summary_table(metrics: dict) -> str:
+    """R@K per set (overall, slices, probes) as an aligned text table."""
+    from components.evaluate.run import groups
+
+    g = groups(metrics)
+    ks = sorted({k for s in g.values() for k in s})
+    if not ks:
+        return (f"no R@K: the candidate pool ({metrics.get('pool_size', 0)} notes) is smaller "
+                "than every K")
+    width = max(len(n) for n in g) + 2
+    lines = ["set".ljust(width) + "".join(f"R@{k}".rjust(9) for k in ks)]
+    for name, series in g.items():
+        lines.append(name.ljust(width) + "".join(
+            (f"{series[k]:.4f}" if k in series else "-").rjust(9) for k in ks))
+    lines.append(f"queries: {metrics.get('n_queries')}, candidate pool: "
+                 f"{metrics.get('pool_size')} (ties counted against the partner)")
+    return "\n".join(lines)
