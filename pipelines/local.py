@@ -11,10 +11,14 @@ WORK/
 
 from __future__ import annotations
 
+import collections
+import io
 import json
 import logging
 import os
+import re
 import shutil
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -81,14 +85,15 @@ def run_local(data: str, work: str, *, preset: str = "tiny", overrides: tuple[st
 
     local.init(runner=local.SubprocessRunner(use_venv=False),
                pipeline_root=os.path.join(work, "pipeline_root"), raise_on_error=True)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _Tee() as tee:
         warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
         try:
             task = notellm2_pipeline(data_uri=data, preset=preset, overrides=list(overrides),
                                      mlflow_tracking_uri=uri, mlflow_experiment=experiment,
                                      run_name=run_name)
         except RuntimeError as e:
-            raise PipelineFailed(_plain(str(e))) from None
+            cause = tee.last_exception()
+            raise PipelineFailed(_plain(str(e)) + (f"\n{cause}" if cause else "")) from None
     out = task.outputs
     _publish(out, work)
     with open(os.path.join(work, "metrics.json")) as f:
@@ -96,9 +101,46 @@ def run_local(data: str, work: str, *, preset: str = "tiny", overrides: tuple[st
     return LocalResult(work=work, metrics=metrics, model_uri=out["model_uri"], tracking_uri=uri)
 
 
-def _plain(msg: str) -> str:
-    import re
+class _Tee(io.TextIOBase):
+    """Pass stdout through while keeping the tail, to quote a failing task's exception."""
 
+    def __init__(self, keep: int = 400):
+        self.lines: collections.deque[str] = collections.deque(maxlen=keep)
+        self._buf = ""
+
+    def __enter__(self):
+        self._out, sys.stdout = sys.stdout, self
+        return self
+
+    def __exit__(self, *exc):
+        sys.stdout = self._out
+
+    def write(self, text: str) -> int:
+        self._out.write(text)
+        self._buf += text
+        *done, self._buf = self._buf.split("\n")
+        self.lines.extend(done)
+        return len(text)
+
+    def flush(self) -> None:
+        self._out.flush()
+
+    def last_exception(self) -> str:
+        """The final ``pkg.Error: message`` line of the last traceback, with its continuation."""
+        lines = [_plain(x).strip() for x in self.lines]
+        exc = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Failed)): ")
+        for i in range(len(lines) - 1, -1, -1):
+            if exc.match(lines[i]):
+                tail = []
+                for nxt in lines[i + 1:]:
+                    if not nxt or re.match(r"^\d\d:\d\d:\d\d", nxt) or nxt.startswith("---"):
+                        break
+                    tail.append(nxt)
+                return "\n".join([exc.sub(r"\1: ", lines[i]), *("  " + t for t in tail)])
+        return ""
+
+
+def _plain(msg: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", msg)
 
 

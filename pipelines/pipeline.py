@@ -34,7 +34,7 @@ class Outputs(NamedTuple):
     "Train NoteLLM-2 multimodal note representations, embed and index the notes, evaluate "
     "R@K by the reference protocol and register the model in MLflow with alias 'challenger'."))
 def notellm2_pipeline(
-    data_uri: str,
+    data_uri: str = "",
     preset: str = "tiny",
     overrides: list = [],  # noqa: B006 - KFP takes the default literally; never mutated
     mlflow_tracking_uri: str = "",

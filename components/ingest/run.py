@@ -7,6 +7,7 @@ import logging
 
 from components.common import tracking
 from components.common.readers import read_dataset, write_canonical
+from components.common.schema import DataError
 
 log = logging.getLogger(__name__)
 
@@ -14,6 +15,9 @@ log = logging.getLogger(__name__)
 def run(data_uri: str, out_dir: str, *, tracking_uri: str = "", experiment: str = "notellm2",
         run_name: str = "", tags: dict[str, str] | None = None) -> tuple[dict, str]:
     """Returns (manifest, mlflow_run_id)."""
+    if not data_uri.strip():
+        raise DataError("data_uri is empty: set the pipeline parameter to the data folder "
+                        "(a local path or gs://bucket/prefix)")
     ds = read_dataset(data_uri)
     for w in ds.warnings:
         log.warning(w)

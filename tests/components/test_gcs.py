@@ -1,0 +1,80 @@
+"""GCS paths against a real gcp-storage-emulator server started on loopback."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from components.common import storage
+from components.common.notes import load_image
+from components.common.readers import read_dataset, write_canonical
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
+         "--port", str(port), "--in-memory", "--default-bucket", "notes"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("gcp-storage-emulator did not start")
+    old = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
+    storage.reset_client()
+    yield "gs://notes"
+    proc.terminate()
+    proc.wait(timeout=10)
+    if old is None:
+        os.environ.pop("STORAGE_EMULATOR_HOST", None)
+    else:
+        os.environ["STORAGE_EMULATOR_HOST"] = old
+    storage.reset_client()
+
+
+def test_official_layout_round_trip_through_gcs(gcs, official_dir, tmp_path):
+    remote = storage.join(gcs, "run1", "data")
+    storage.upload_dir(official_dir, remote)
+    assert storage.is_dir(remote)
+    assert "notes_train.csv" in storage.list_files(remote)
+
+    local, cloud = read_dataset(official_dir), read_dataset(remote)
+    assert cloud.layout == "official"
+    for split in ("train", "test"):
+        a, b = local.notes[split], cloud.notes[split]
+        assert a["note_id"].tolist() == b["note_id"].tolist()
+        assert a["content"].tolist() == b["content"].tolist()
+        assert [u.replace(official_dir, remote) for u in a["image_uri"]] == b["image_uri"].tolist()
+    first = cloud.notes["train"]["image_uri"].iloc[0]
+    assert first.startswith("gs://notes/run1/data/images/")
+    assert load_image(first).size == (40, 30)
+
+    canon = storage.join(gcs, "run1", "canonical")
+    write_canonical(cloud, canon)
+    back = read_dataset(canon)
+    assert back.layout == "canonical"
+    assert back.notes["test"]["note_id"].tolist() == ["t1", "t2", "t3"]
+
+    dest = tmp_path / "down"
+    storage.download_dir(canon, str(dest))
+    assert (dest / "manifest.json").exists()
+    assert not storage.exists(storage.join(gcs, "run1", "nothing-here"))

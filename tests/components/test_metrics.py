@@ -1,0 +1,51 @@
+import numpy as np
+import pytest
+
+from components.evaluate.metrics import dedupe_pairs, evaluate_pairs, partner_ranks, recall_at_k
+
+
+def reference_ranks(queries, pool, target, exclude):
+    """Full sort, ties broken against the partner: the reference the fast path must equal."""
+    ranks = []
+    for i, q in enumerate(queries):
+        scores = pool @ q
+        order = [j for j in range(len(pool)) if j != exclude[i] and j != target[i]]
+        ranks.append(sum(1 for j in order if scores[j] >= scores[target[i]]))
+    return np.array(ranks)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_counting_ranks_equals_full_sort_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    # coarse values make many exact ties
+    pool = rng.integers(-2, 3, size=(300, 8)).astype(np.float32)
+    queries = rng.integers(-2, 3, size=(57, 8)).astype(np.float32)
+    target = rng.integers(0, 300, size=57)
+    exclude = np.where(rng.random(57) < 0.5, rng.integers(0, 300, size=57), -1)
+    exclude[exclude == target] = -1
+    fast = partner_ranks(queries, pool, target, exclude, chunk=10)
+    np.testing.assert_array_equal(fast, reference_ranks(queries, pool, target, exclude))
+
+
+def test_hand_made_case():
+    # pool: 4 candidates on a circle; three queries whose partners rank 0, 1 and 3
+    pool = np.array([[1, 0], [0, 1], [-1, 0], [0, -1]], dtype=np.float32)
+    queries = np.array([[1, 0.1], [0.2, 1], [1, 0]], dtype=np.float32)
+    pairs = [("q1", "p0"), ("q2", "p0"), ("q3", "p2")]
+    m, n = evaluate_pairs(pairs, ["p0", "p1", "p2", "p3"], pool, queries, ks=(1, 2, 3, 10))
+    # ranks: q1->p0: 0; q2->p0: p1 scores higher -> 1; q3->p2: p0, p1, p3 tie-or-beat -> 3
+    assert n == 3
+    assert m == {"R@1": pytest.approx(1 / 3), "R@2": pytest.approx(2 / 3), "R@3": pytest.approx(2 / 3)}
+
+
+def test_all_equal_vectors_score_zero():
+    pool = np.ones((50, 4), dtype=np.float32)
+    queries = np.ones((5, 4), dtype=np.float32)
+    ranks = partner_ranks(queries, pool, np.arange(5))
+    assert (ranks == 49).all()
+    assert recall_at_k(ranks, (10, 20, 100), 50) == {"R@10": 0.0, "R@20": 0.0}
+
+
+def test_dedupe_follows_reference_order():
+    pairs = [("a", "b"), ("b", "c"), ("d", "a"), ("e", "f"), ("g", "g"), ("f", "h")]
+    assert dedupe_pairs(pairs) == [("a", "b"), ("e", "f")]

@@ -1,0 +1,66 @@
+"""The compiled pipeline is pinned by a golden structure file (tasks, wiring, parameters).
+
+After an intended change: UPDATE_GOLDEN=1 pytest tests/pipelines/test_compile.py
+"""
+
+import json
+import os
+
+import yaml
+from click.testing import CliRunner
+from kfp import components
+
+from pipelines.cli import main
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "pipeline_structure.json")
+
+
+def structure(spec: dict) -> dict:
+    def io(d):
+        return {kind: sorted(d.get(kind, {})) for kind in ("parameters", "artifacts") if d.get(kind)}
+
+    root = spec["root"]
+    return {
+        "name": spec["pipelineInfo"]["name"],
+        "parameters": {k: {"type": v["parameterType"], "default": v.get("defaultValue"),
+                           "described": bool(v.get("description"))}
+                       for k, v in root["inputDefinitions"]["parameters"].items()},
+        "outputs": io(root.get("outputDefinitions", {})),
+        "tasks": {k: {"component": v["componentRef"]["name"],
+                      "after": sorted(v.get("dependentTasks", [])),
+                      "inputs": io(v.get("inputs", {})),
+                      "caching": v.get("cachingOptions", {}).get("enableCache", False)}
+                  for k, v in root["dag"]["tasks"].items()},
+        "components": {k: {"inputs": io(v.get("inputDefinitions", {})),
+                           "outputs": io(v.get("outputDefinitions", {}))}
+                       for k, v in spec["components"].items()},
+    }
+
+
+def test_compile_matches_golden_and_loads(tmp_path):
+    out = tmp_path / "pipeline.yaml"
+    result = CliRunner().invoke(main, ["compile", "--output", str(out), "--image",
+                                       "registry.example/notellm2:1.2.3"])
+    assert result.exit_code == 0, result.output
+    spec = yaml.safe_load(out.read_text())
+    got = structure(spec)
+    if os.environ.get("UPDATE_GOLDEN"):
+        with open(GOLDEN, "w") as f:
+            json.dump(got, f, indent=2, sort_keys=True)
+            f.write("\n")
+    with open(GOLDEN) as f:
+        assert got == json.load(f)
+    images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
+    assert images == {"registry.example/notellm2:1.2.3"}
+    assert all(p["described"] for p in got["parameters"].values())
+    # kfp loads it back, as the UI and kfp.Client do
+    loaded = components.load_component_from_file(str(out))
+    assert loaded.name == "notellm2"
+    assert "data_uri" in loaded.component_spec.inputs
+
+
+def test_default_image_is_versioned_never_latest(tmp_path):
+    from components.common.image import component_image
+
+    image = component_image()
+    assert not image.endswith(":latest") and ":" in image.rsplit("/", 1)[-1]

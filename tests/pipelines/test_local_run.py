@@ -1,0 +1,91 @@
+"""The whole pipeline through kfp.local on a very small data set, and its refusals."""
+
+import json
+import os
+import shutil
+
+import mlflow
+import pytest
+from click.testing import CliRunner
+
+from pipelines.cli import main
+from pipelines.local import PipelineFailed, run_local
+
+pytestmark = pytest.mark.slow
+FAST = ("train.max_steps=15", "train.batch_pairs=8", "train.val_every=10")
+
+
+@pytest.fixture(autouse=True)
+def own_store(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def _versions(work):
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{work}/mlflow.db")
+    return client.search_model_versions()
+
+
+def test_pipeline_runs_end_to_end(demo_dir, tmp_path):
+    work = str(tmp_path / "work")
+    res = run_local(demo_dir, work, overrides=FAST)
+    for name in ("metrics.json", "report.md", "model", "embeddings", "index", "mlflow.db"):
+        assert os.path.exists(os.path.join(work, name)), name
+    with open(os.path.join(work, "metrics.json")) as f:
+        m = json.load(f)
+    assert m["status"] == "complete" and m["n_queries"] > 0
+    for key in ("R@10", "probe/text_only/R@10", "probe/image_only/R@10",
+                "slice/image_only_pairs/R@10", "slice/text_only_pairs/R@10",
+                "slice/both_pairs/R@10"):
+        assert 0.0 <= m[key] <= 1.0, key
+    mlflow.set_tracking_uri(res.tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri=res.tracking_uri)
+    version = client.get_model_version_by_alias("notellm2", "challenger")
+    run = client.get_run(version.run_id)
+    assert run.data.metrics["R_at_10"] == pytest.approx(m["R@10"])
+    assert "train/loss" in run.data.metrics and run.data.params["train.max_steps"] == "15"
+    assert run.data.tags["kfp_run_id"]
+    import pyarrow.parquet as pq
+
+    emb = pq.read_table(os.path.join(work, "embeddings", "notes.parquet")).to_pandas()
+    assert {"note_id", "vector"} <= set(emb.columns)
+    # the registered pyfunc returns what the embed step wrote
+    import numpy as np
+
+    from components.common.readers import read_dataset
+
+    test = read_dataset(demo_dir).notes["test"].head(5)
+    served = mlflow.pyfunc.load_model("models:/notellm2@challenger").predict(
+        test.assign(topics=test["topics"].map(",".join))[["title", "content", "topics",
+                                                           "image_uri"]])
+    by_id = dict(zip(emb["note_id"], emb["vector"], strict=True))
+    np.testing.assert_allclose(served, np.stack([by_id[n] for n in test["note_id"]]), atol=1e-5)
+    n_notes = sum(len(read_dataset(demo_dir).notes[s]) for s in ("train", "test"))
+    assert len(emb) == n_notes
+
+
+def test_unknown_pair_id_stops_before_training(demo_dir, tmp_path):
+    bad = str(tmp_path / "bad")
+    shutil.copytree(demo_dir, bad)
+    with open(os.path.join(bad, "note_pairs_train.csv"), "a") as f:
+        f.write("n000001,nosuchnote\n")
+    work = str(tmp_path / "badrun")
+    with pytest.raises(PipelineFailed, match="validate") as e:
+        run_local(bad, work, overrides=FAST)
+    # the failing task's own error is quoted, naming file, row, field and id
+    assert "note_pairs_train.csv row" in str(e.value) and "nosuchnote" in str(e.value)
+    assert not os.path.exists(os.path.join(work, "metrics.json"))
+    assert not _versions(work)
+    roots = os.listdir(os.path.join(work, "pipeline_root"))
+    assert not os.path.exists(os.path.join(work, "pipeline_root", roots[0], "train"))
+
+
+def test_cli_refuses_bad_input_clearly(official_dir, tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(main, ["run-local", "--data", official_dir, "--work", str(tmp_path / "w"),
+                             "--set", "train.max_stepz=3"])
+    assert r.exit_code == 1 and "train.max_steps" in r.output
+    with open(os.path.join(official_dir, "notes_test.csv"), "a") as f:
+        f.write("t9,two fields\n")
+    r = runner.invoke(main, ["run-local", "--data", official_dir, "--work", str(tmp_path / "w")])
+    assert r.exit_code == 1 and "notes_test.csv row 4" in r.output
+    assert not _versions(str(tmp_path / "w"))
