@@ -1,0 +1,121 @@
+"""`make bench`: speed figures with same-run baselines. Prints a table; nothing is asserted.
+
+  exact R@K: counting ranks (ours)      vs  sorting every query's scores (reference style)
+  official CSV reader (notes/s)          vs  pandas.read_csv on the same file (no topic parsing)
+  tiny-model encode (notes/s, CPU)       batch 128 length-sorted vs batch 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+
+def timeit(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_ranks(pool_n: int, queries_n: int, repeat: int) -> list[tuple]:
+    from components.evaluate.metrics import partner_ranks
+
+    rng = np.random.default_rng(0)
+    pool = rng.standard_normal((pool_n, 64)).astype(np.float32)
+    pool /= np.linalg.norm(pool, axis=1, keepdims=True)
+    queries = pool[:queries_n] + 0.3 * rng.standard_normal((queries_n, 64)).astype(np.float32)
+    target = np.arange(queries_n)
+
+    def ours():
+        return partner_ranks(queries, pool, target, chunk=512)
+
+    def reference():  # sort each chunk of scores and look the partner up
+        out = np.empty(queries_n, dtype=np.int64)
+        for s in range(0, queries_n, 512):
+            scores = queries[s:s + 512] @ pool.T
+            order = np.argsort(-scores, axis=1, kind="stable")
+            out[s:s + 512] = np.argmax(order == target[s:s + 512, None], axis=1)
+        return out
+
+    agree = float(np.mean(ours() == reference()))
+    t_ours, t_ref = timeit(ours, repeat), timeit(reference, repeat)
+    return [(f"exact ranks, pool {pool_n}x64, {queries_n} queries", f"{t_ours:.3f} s",
+             f"{t_ref:.3f} s (argsort)", f"{t_ref / t_ours:.1f}x", f"agree {agree:.4f}")]
+
+
+def bench_reader(n: int, repeat: int) -> list[tuple]:
+    import pandas as pd
+
+    from components.common.readers import _ImageIndex, _read_official_notes
+    from components.common.schema import NoteDataset
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "notes_train.csv")
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            for i in range(n):
+                w.writerow([f"n{i}", f"title {i}", f"some content {i} #Tag{i % 50}[话题]# more",
+                            f"img{i}", "A@B@"])
+        images = _ImageIndex(tmp)
+
+        def ours():
+            return _read_official_notes(path, "train", images, NoteDataset({}, {}))
+
+        def baseline():
+            return pd.read_csv(path, header=None, dtype=str, keep_default_na=False)
+
+        t_ours, t_base = timeit(ours, repeat), timeit(baseline, repeat)
+    return [(f"official notes CSV, {n} rows", f"{n / t_ours:,.0f} notes/s",
+             f"{n / t_base:,.0f} notes/s (pandas.read_csv)", f"{t_base / t_ours:.2f}x",
+             "ours also parses topics, resolves images")]
+
+
+def bench_encode(n: int, repeat: int) -> list[tuple]:
+    from PIL import Image
+
+    from components.common.config import resolve
+    from model import NoteInput, build_model, encode
+
+    cfg = resolve("tiny").model
+    model = build_model(cfg, corpus=[f"note {i} about things" for i in range(50)])
+    rng = np.random.default_rng(0)
+    notes = [NoteInput(f"title {i}", "content " * int(rng.integers(1, 20)), ("t",),
+                       Image.new("RGB", (96, 96), (i % 255, 0, 0))) for i in range(n)]
+    t_batch = timeit(lambda: encode(model, notes, batch_size=128, progress=False), repeat)
+    t_one = timeit(lambda: encode(model, notes[: n // 4], batch_size=1, progress=False),
+                   repeat) * 4
+    return [(f"tiny encode, {n} notes, CPU", f"{n / t_batch:,.0f} notes/s",
+             f"{n / t_one:,.0f} notes/s (batch 1)", f"{t_one / t_batch:.1f}x", "")]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="smaller sizes, one repeat")
+    args = ap.parse_args()
+    repeat = 1 if args.quick else 3
+    rows = []
+    rows += bench_ranks(20_000 if args.quick else 100_000, 1000 if args.quick else 2000, repeat)
+    rows += bench_reader(20_000 if args.quick else 200_000, repeat)
+    rows += bench_encode(256 if args.quick else 1024, repeat)
+    header = ("benchmark", "ours (median)", "baseline (median)", "ratio", "note")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)))
+    print(f"\nmachine: {os.cpu_count()} cores; medians of {repeat} run(s)")
+
+
+if __name__ == "__main__":
+    main()
