@@ -36,7 +36,10 @@ class NoteCollator:
     def token_ids(self, notes: Sequence[NoteInput]) -> list[list[int]]:
         return self.prompts.encode(list(notes))
 
-    def __call__(self, notes: Sequence[NoteInput], ids: list[list[int]] | None = None) -> dict:
+    def __call__(self, notes: Sequence[NoteInput], ids: list[list[int]] | None = None,
+                 pixel_values: torch.Tensor | None = None) -> dict:
+        """Token ids padded to the longest note; ``pixel_values`` (B, 3, S, S) when the caller
+        already has them (a training-time cache), else computed from ``note.image``."""
         ids = ids if ids is not None else self.token_ids(notes)
         T = max(len(x) for x in ids)
         pad = self.tokenizer.pad_token_id
@@ -49,7 +52,8 @@ class NoteCollator:
             mask[i, sl] = 1
         batch = {"input_ids": input_ids, "attention_mask": mask}
         if self.with_images:
-            batch["pixel_values"] = self.pixels([n.image for n in notes])
+            batch["pixel_values"] = (pixel_values if pixel_values is not None
+                                     else self.pixels([n.image for n in notes]))
         return batch
 
     def pixels(self, images: list) -> torch.Tensor:

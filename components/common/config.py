@@ -37,6 +37,8 @@ class TrainConfig:
     log_every: int = 10
     val_every: int = 100
     num_workers: int = 2
+    # preprocessed pixels kept in memory per process (each note's image is decoded once)
+    pixel_cache_mb: float = 2048.0
     # learning-rate multiplier for the newly initialised parts (connector, fusion, head)
     new_params_lr_mult: float = 1.0
 

@@ -33,8 +33,15 @@ class LazyNotes(Sequence):
         return len(self.titles)
 
     def __getitem__(self, i):
-        return NoteInput(self.titles[i], self.contents[i], self.topics[i], load_image(self.images[i]))
+        return NoteInput(self.titles[i], self.contents[i], self.topics[i], self.image(i))
+
+    def text(self, i: int) -> NoteInput:
+        """The note without its image (no file read)."""
+        return NoteInput(self.titles[i], self.contents[i], self.topics[i])
+
+    def image(self, i: int) -> Image.Image | None:
+        return load_image(self.images[i])
 
     def texts(self):
         for i in range(len(self)):
-            yield NoteInput(self.titles[i], self.contents[i], self.topics[i])
+            yield self.text(i)

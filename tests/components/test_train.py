@@ -1,0 +1,44 @@
+import mlflow
+import torch
+
+from components.common.canonical import load_canonical
+from components.common.config import resolve
+from components.common.notes import LazyNotes
+from components.common.readers import read_dataset, write_canonical
+from components.common.tracking import create_run
+from components.train.run import PixelCache, run
+from model import NoteLLM2, build_model
+from model.collator import NoteCollator
+
+
+def test_training_lowers_the_loss_and_exports(demo_dir, tmp_path):
+    canon, out = str(tmp_path / "canon"), str(tmp_path / "model")
+    write_canonical(read_dataset(demo_dir), canon)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id = create_run(uri, "t", "", {})
+    cfg = resolve("tiny", ["train.max_steps=40", "train.batch_pairs=16", "train.log_every=5",
+                           "train.val_every=20"])
+    run(canon, out, cfg, tracking_uri=uri, run_id=run_id, progress=False)
+    history = mlflow.MlflowClient(uri).get_metric_history(run_id, "train/loss")
+    losses = [m.value for m in sorted(history, key=lambda m: m.step)]
+    assert len(losses) == 8
+    assert sum(losses[-2:]) / 2 < 0.8 * sum(losses[:2]) / 2
+    assert mlflow.MlflowClient(uri).get_metric_history(run_id, "val/loss")
+    assert NoteLLM2.from_pretrained(out).config.image_size == 32
+
+
+def test_pixel_cache_equals_fresh_pixels_and_keeps_its_budget(demo_dir, tmp_path):
+    canon = str(tmp_path / "canon")
+    write_canonical(read_dataset(demo_dir), canon)
+    notes, _, _ = load_canonical(canon)
+    lazy = LazyNotes(notes["train"])
+    model = build_model(resolve("tiny").model, corpus=["a b c"])
+    collator = NoteCollator(model)
+    one = 3 * 32 * 32 * 4
+    cache = PixelCache(lazy, collator, max_bytes=2 * one)
+    keys = [0, 1, 2, 0]
+    got = cache.get(keys)
+    want = collator.pixels([lazy.image(k) for k in keys])
+    torch.testing.assert_close(got, want)
+    assert len(cache.cache) == 2 and cache.bytes == 2 * one
+    torch.testing.assert_close(cache.get(keys), want)
