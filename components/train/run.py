@@ -197,7 +197,7 @@ def run(canonical_dir: str, model_out: str, cfg: RunConfig, *, tracking_uri: str
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
                 if step % t.log_every == 0 or step == total:
                     elapsed = time.perf_counter() - t0
-                    row = {k: float(v) for k, v in losses.items()}
+                    row = {k: float(v.detach()) for k, v in losses.items()}
                     row |= {"scale": float(model.log_scale.exp()), "lr": sched.get_last_lr()[0],
                             "pairs_per_s": seen / elapsed, "epoch": epoch + 1}
                     history.append({"step": step, **row})
