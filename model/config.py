@@ -22,9 +22,13 @@ class ModelConfig:
     llm: str = TINY
     vision: str = TINY
     trust_remote_code: bool = False
-    # connector: image patches -> num_query_tokens LLM-width tokens that replace <IMG>
-    connector: str = "mlp"
+    # connector: vision tokens -> num_query_tokens LLM-width tokens that replace <IMG>
+    connector: str = "qformer"  # "qformer" (BLIP-2 Q-Former + MLP) or "mlp" (LLaVA style)
     num_query_tokens: int = 16
+    qformer_layers: int = 6
+    qformer_hidden_size: int = 768
+    qformer_heads: int = 12
+    qformer_cross_attention_frequency: int = 2  # cross-attention in every n-th layer (BLIP-2: 2)
     embed_dim: int = 64
     # prompt
     prompt_language: str = "en"  # "en" or "zh" (the reference code's wording)
@@ -56,8 +60,8 @@ class ModelConfig:
         if self.variant not in VARIANTS:
             raise ValueError(f"model.variant must be one of {', '.join(VARIANTS)}, "
                              f"not {self.variant!r}")
-        if self.connector not in ("mlp",):
-            raise ValueError(f"model.connector must be 'mlp', not {self.connector!r}")
+        if self.connector not in ("qformer", "mlp"):
+            raise ValueError(f"model.connector must be 'qformer' or 'mlp', not {self.connector!r}")
         if self.prompt_language not in ("en", "zh"):
             raise ValueError(f"model.prompt_language must be 'en' or 'zh', "
                              f"not {self.prompt_language!r}")

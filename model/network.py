@@ -37,6 +37,31 @@ class MlpConnector(nn.Module):
         return self.proj(patches)  # (B, Q, H)
 
 
+class QFormerConnector(nn.Module):
+    """BLIP-2 Q-Former: Q learnable queries cross-attend to the vision tokens, then a 2-layer GELU
+    MLP maps them to the LLM width."""
+
+    def __init__(self, vision_width: int, llm_width: int, num_tokens: int, *, layers: int,
+                 hidden: int, heads: int, cross_attention_frequency: int):
+        super().__init__()
+        from transformers import Blip2QFormerConfig, Blip2QFormerModel
+
+        cfg = Blip2QFormerConfig(hidden_size=hidden, num_hidden_layers=layers,
+                                 num_attention_heads=heads, intermediate_size=4 * hidden,
+                                 encoder_hidden_size=vision_width,
+                                 cross_attention_frequency=cross_attention_frequency)
+        self.qformer = Blip2QFormerModel(cfg)
+        self.query = nn.Parameter(torch.randn(1, num_tokens, hidden) * cfg.initializer_range)
+        self.proj = nn.Sequential(nn.Linear(hidden, llm_width), nn.GELU(),
+                                  nn.Linear(llm_width, llm_width))
+
+    def forward(self, vision_tokens: torch.Tensor) -> torch.Tensor:
+        # (B, 1+P, Dv) -> (B, Q, hidden) -> (B, Q, H)
+        query = self.query.expand(vision_tokens.shape[0], -1, -1)
+        out = self.qformer(query_embeds=query, encoder_hidden_states=vision_tokens)
+        return self.proj(out.last_hidden_state)
+
+
 class LateFusion(nn.Module):
     """Gate the LLM vector with the vision CLS: ``z = σ(W_g[h; v])``, ``ĥ = z⊙h + (1−z)⊙v``."""
 
@@ -70,8 +95,7 @@ class NoteLLM2(nn.Module):
         self.image_processor = image_processor
         H = llm.config.hidden_size
         Dv = vision.config.hidden_size if vision is not None else 0
-        self.connector = (MlpConnector(Dv, H, config.num_query_tokens)
-                          if config.uses_image_tokens else None)
+        self.connector = build_connector(config, Dv, H) if config.uses_image_tokens else None
         self.fusion = LateFusion(Dv, H) if config.uses_fusion else None
         self.head = nn.Linear(H, config.embed_dim, bias=False)
         self.log_scale = nn.Parameter(torch.tensor(float(config.log_scale_init)))
@@ -100,35 +124,39 @@ class NoteLLM2(nn.Module):
         return self.vision is not None and "clip" in self.vision.config.model_type
 
     def encode_image(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 3, S, S) -> patches (B, P, Dv), pooled CLS (B, Dv)."""
+        """(B, 3, S, S) -> vision tokens (B, 1+P, Dv) (CLIP; (B, P, Dv) for SigLIP),
+        pooled CLS (B, Dv)."""
         out = self.vision(pixel_values=pixel_values)
-        hidden = out.last_hidden_state  # (B, 1+P, Dv) for CLIP, (B, P, Dv) for SigLIP
-        patches = hidden[:, 1:] if self.has_cls_token else hidden
-        return patches, out.pooler_output
+        return out.last_hidden_state, out.pooler_output
 
     # -- forward ------------------------------------------------------------------------------
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                pixel_values: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
+                pixel_values: torch.Tensor | None = None, *,
+                output_attentions: bool = False) -> dict[str, torch.Tensor | None]:
         """Note vectors.
 
         input_ids, attention_mask: (B, T); pixel_values: (B, 3, S, S).
-        Returns ``n_m`` (B, d) and, for the mICL variants, ``n_v`` (B, d), both L2-normalised.
+        Returns ``n_m`` (B, d) and, for the mICL variants, ``n_v`` (B, d), both L2-normalised;
+        with ``output_attentions`` also the LLM's attention maps, per layer (B, heads, T, T).
         """
         cfg = self.config
         embeds = self.llm.get_input_embeddings()(input_ids)  # (B, T, H)
         cls = None
         if self.vision is not None and pixel_values is not None:
             vision_dtype = next(self.vision.parameters()).dtype
-            patches, cls = self.encode_image(pixel_values.to(vision_dtype))
+            tokens, cls = self.encode_image(pixel_values.to(vision_dtype))
             if self.connector is not None:
-                img_tokens = self.connector(patches.to(embeds.dtype))  # (B, Q, H)
+                if isinstance(self.connector, MlpConnector) and self.has_cls_token:
+                    tokens = tokens[:, 1:]  # LLaVA style: patches only
+                img_tokens = self.connector(tokens.to(embeds.dtype))  # (B, Q, H)
                 slots = (input_ids == self.img_id).unsqueeze(-1)  # (B, T, 1)
                 embeds = embeds.masked_scatter(slots, img_tokens.to(embeds.dtype))
         # positions count real tokens only, so left padding gives the same vectors as right
         position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T)
-        hidden = self.llm(inputs_embeds=embeds, attention_mask=attention_mask,
-                          position_ids=position_ids).last_hidden_state  # (B, T, H)
+        llm_out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask,
+                           position_ids=position_ids, output_attentions=output_attentions)
+        hidden = llm_out.last_hidden_state  # (B, T, H)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         h_m = hidden[rows, last_token_index(attention_mask)]  # (B, H)
         h_v = None
@@ -141,7 +169,10 @@ class NoteLLM2(nn.Module):
             h_v = self.fusion(h_v, cls) if h_v is not None else None
         n_m = F.normalize(self.head(h_m).float(), dim=-1)
         n_v = F.normalize(self.head(h_v).float(), dim=-1) if h_v is not None else None
-        return {"n_m": n_m, "n_v": n_v}
+        out = {"n_m": n_m, "n_v": n_v}
+        if output_attentions:
+            out["attentions"] = llm_out.attentions
+        return out
 
     # -- save / load --------------------------------------------------------------------------
 
@@ -198,6 +229,15 @@ def load_image_processor(path: str):
 # -- builders ------------------------------------------------------------------------------------
 
 
+def build_connector(config: ModelConfig, vision_width: int, llm_width: int) -> nn.Module:
+    if config.connector == "mlp":
+        return MlpConnector(vision_width, llm_width, config.num_query_tokens)
+    return QFormerConnector(vision_width, llm_width, config.num_query_tokens,
+                            layers=config.qformer_layers, hidden=config.qformer_hidden_size,
+                            heads=config.qformer_heads,
+                            cross_attention_frequency=config.qformer_cross_attention_frequency)
+
+
 def build_model(config: ModelConfig, *, corpus: list[str] | None = None, seed: int = 0) -> NoteLLM2:
     """Build a fresh NoteLLM-2 from ``config``. ``corpus`` trains the tiny tokenizer."""
     torch.manual_seed(seed)
@@ -229,10 +269,25 @@ def build_llm(config: ModelConfig, tokenizer) -> nn.Module:
             tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
         )
         return AutoModel.from_config(llm_config)
-    llm = AutoModel.from_pretrained(config.llm, trust_remote_code=config.trust_remote_code)
+    llm = load_decoder(config.llm, trust_remote_code=config.trust_remote_code)
     old = llm.get_input_embeddings().weight.shape[0]
     resize_with_mean(llm, tokenizer, max(0, len(tokenizer) - old))
     return llm
+
+
+def load_decoder(name_or_path: str, *, trust_remote_code: bool = False) -> nn.Module:
+    """The decoder body (no LM head) of a causal LLM: ``AutoModel`` where the architecture maps
+    to its base model (Qwen2/3, Llama, Mistral, ...), else the causal-LM class's decoder."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    try:
+        return AutoModel.from_pretrained(name_or_path, config=cfg,
+                                         trust_remote_code=trust_remote_code)
+    except ValueError:
+        lm = AutoModelForCausalLM.from_pretrained(name_or_path, config=cfg,
+                                                  trust_remote_code=trust_remote_code)
+        return lm.get_decoder()
 
 
 def build_vision(config: ModelConfig):

@@ -129,7 +129,8 @@ def random_text(rng, keywords: list[str] | None = None, tag: str | None = None,
     keywords = keywords or [_name(rng), _name(rng)]
     tag = tag or _name(rng)
     noun, adj = nouns[int(rng.integers(len(nouns)))], adjs[int(rng.integers(len(adjs)))]
-    title = f"{adj.capitalize()} {noun} at {keywords[0]}"
+    # the distinctive name first: titles are cut at 20 characters by the prompt (paper recipe)
+    title = f"{keywords[0]} {noun}"
     content = (f"{OPENERS[int(rng.integers(len(OPENERS)))]} {adj} {noun} near {keywords[1]}. "
                f"{FILLERS[int(rng.integers(len(FILLERS)))]}")
     topics = [theme, tag]

@@ -86,9 +86,14 @@ class RunConfig:
 
 
 PRESETS: dict[str, dict[str, object]] = {
-    # CPU tests and the demo: a 2-layer Qwen2 and a 2-layer CLIP at 32 px, a few hundred steps
+    # CPU tests and the demo: a 2-layer Qwen2, a 2-layer CLIP at 32 px and a 2-layer Q-Former,
+    # a few hundred steps. The tiny vision tower starts from random weights, so it is trained
+    # (a frozen random tower only adds noise); real presets keep their pretrained tower frozen.
     "tiny": {
+        "model.train_vision": True,
         "model.image_size": 32, "model.num_query_tokens": 4, "model.max_tokens": 96,
+        "model.qformer_layers": 2, "model.qformer_hidden_size": 64, "model.qformer_heads": 4,
+        "model.qformer_cross_attention_frequency": 1,
         "model.tiny_hidden_size": 64, "model.tiny_vision_hidden_size": 64,
         "train.max_steps": 300, "train.epochs": 1000.0, "train.batch_pairs": 32,
         "train.lr": 2e-3, "train.warmup_ratio": 0.05, "train.weight_decay": 0.0,

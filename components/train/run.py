@@ -198,7 +198,7 @@ def run(canonical_dir: str, model_out: str, cfg: RunConfig, *, tracking_uri: str
                 if step % t.log_every == 0 or step == total:
                     elapsed = time.perf_counter() - t0
                     row = {k: float(v.detach()) for k, v in losses.items()}
-                    row |= {"scale": float(model.log_scale.exp()), "lr": sched.get_last_lr()[0],
+                    row |= {"scale": float(model.log_scale.detach().exp()), "lr": sched.get_last_lr()[0],
                             "pairs_per_s": seen / elapsed, "epoch": epoch + 1}
                     history.append({"step": step, **row})
                     tracking.log_metrics({f"train/{k}": v for k, v in row.items()}, step=step)

@@ -1,4 +1,6 @@
 import mlflow
+import numpy as np
+import pytest
 import torch
 
 from components.common.canonical import load_canonical
@@ -42,3 +44,23 @@ def test_pixel_cache_equals_fresh_pixels_and_keeps_its_budget(demo_dir, tmp_path
     torch.testing.assert_close(got, want)
     assert len(cache.cache) == 2 and cache.bytes == 2 * one
     torch.testing.assert_close(cache.get(keys), want)
+
+
+@pytest.mark.parametrize("variant", ["text_only", "mllm_basic", "late_fusion", "micl", "notellm2"])
+def test_every_variant_trains_exports_and_embeds(variant, demo_dir, tmp_path):
+    from components.embed.run import read_vectors
+    from components.embed.run import run as embed
+
+    canon, out = str(tmp_path / "canon"), str(tmp_path / "model")
+    write_canonical(read_dataset(demo_dir), canon)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = resolve("tiny", [f"model.variant={variant}", "train.max_steps=3",
+                           "train.batch_pairs=4", "train.log_every=1"])
+    final = run(canon, out, cfg, tracking_uri=uri, run_id=create_run(uri, "t", "", {}),
+                progress=False)
+    assert ("loss_v" in final) == (variant in ("micl", "notellm2"))
+    assert NoteLLM2.from_pretrained(out).config.variant == variant
+    embed(canon, out, str(tmp_path / "emb"), cfg, probes=False, progress=False)
+    table, vectors = read_vectors(str(tmp_path / "emb" / "notes.parquet"))
+    assert vectors.shape == (len(table), 64)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
