@@ -177,14 +177,15 @@ class _ImageIndex:
                     stem = f.rsplit(".", 1)[0] if "." in f else f
                     by_name.setdefault(stem, f)
                 self.dirs[d] = by_name
+        self._order: dict[str, list[str]] = {}
 
     def find(self, imgid: str, split: str) -> str:
-        order = [f"images_{split}", "images"] + [d for d in self.dirs if d not in
-                                                 (f"images_{split}", "images")]
-        for d in order:
-            files = self.dirs.get(d)
-            if not files:
-                continue
+        # the split's own folder first, then images/, then the rest (computed once per split)
+        if split not in self._order:
+            first = [d for d in (f"images_{split}", "images") if d in self.dirs]
+            self._order[split] = first + [d for d in self.dirs if d not in first]
+        for d in self._order[split]:
+            files = self.dirs[d]
             hit = files.get(imgid) or files.get(imgid.rsplit(".", 1)[0])
             if hit:
                 return storage.join(self.data_uri, d, hit)

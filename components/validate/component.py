@@ -9,6 +9,7 @@ def validate(canonical: Input[Dataset], preset: str, overrides: list, mlflow_tra
              mlflow_run_id: str, report: Output[Artifact], summary: Output[Markdown]):
     """Check notes, pairs and images before training; fails (and stops the pipeline) with an
     error naming file, row and field."""
+    import os
     import shutil
 
     from components.common import logs, tracking
@@ -21,4 +22,6 @@ def validate(canonical: Input[Dataset], preset: str, overrides: list, mlflow_tra
             rep = run(canonical.path, report.path, resolve(preset, overrides).data)
             tracking.log_metrics({f"validate/{k}": v for k, v in rep.stats.items()})
     finally:
-        shutil.copyfile(f"{report.path}/summary.md", summary.path)
+        # a crash before the report exists must surface as itself, not as a missing file
+        if os.path.exists(f"{report.path}/summary.md"):
+            shutil.copyfile(f"{report.path}/summary.md", summary.path)
