@@ -59,7 +59,8 @@ def run(canonical_dir: str, embeddings_dir: str, out_dir: str, cfg: EvalConfig) 
                 raise FileNotFoundError(f"probe embeddings {uri} missing; embed with probes on")
             ptable, pvecs = read_vectors(uri)
             ppos = {nid: i for i, nid in enumerate(ptable["note_id"])}
-            pm, _ = _protocol(pairs["test"], test_ids, pvecs[[ppos[n] for n in test_ids]], cfg, {})
+            pm, _ = _protocol(pairs["test"], test_ids, pvecs[[ppos[n] for n in test_ids]], cfg,
+                              slices)
             metrics |= {f"probe/{probe}/{k}": v for k, v in pm.items()}
     result = {**metrics, **counts, "ties": "pessimistic", "status": "complete"}
     storage.write_text(storage.join(out_dir, "metrics.json"), json.dumps(result, indent=2))
@@ -92,11 +93,12 @@ def report_markdown(result: dict, manifest: dict) -> str:
         lines += ["| set | queries | " + " | ".join(f"R@{k}" for k in ks) + " |",
                   "| --- | --- | " + " | ".join("---" for _ in ks) + " |"]
         for name, series in g.items():
-            nq = result.get(f"{name}/n_queries", result["n_queries"] if not name.startswith(
-                "slice/") else "")
+            sl = name[name.find("slice/"):] if "slice/" in name else ""
+            nq = result.get(f"{sl}/n_queries", "") if sl else result["n_queries"]
             lines.append(f"| {name} | {nq} | " + " | ".join(
                 f"{series[k]:.4f}" if k in series else "" for k in ks) + " |")
-        lines += ["", "![recall@K](recall_at_k.png)", ""]
+        lines += ["", "![recall@K](recall_at_k.png)", "",
+                  "![probes and slices](probes_slices.png)", ""]
     lines += ["Data: " + ", ".join(f"{k} {v}" for k, v in manifest.get("notes", {}).items())
               + " notes; " + ", ".join(f"{k} {v}" for k, v in manifest.get("pairs", {}).items())
               + " pairs.", ""]
@@ -114,6 +116,8 @@ def _chart(result: dict, out_dir: str) -> None:
         return
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for name, series in g.items():
+        if name.startswith("probe/") and "/slice/" in name:
+            continue  # in the bar chart
         ks = sorted(series)
         ax.plot(ks, [series[k] for k in ks], marker="o", label=name,
                 linestyle="--" if name.startswith("probe/") else "-")
@@ -124,9 +128,44 @@ def _chart(result: dict, out_dir: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    _save(fig, out_dir, "recall_at_k.png")
+    _bars(g, out_dir)
+
+
+def _bars(g: dict[str, dict[int, float]], out_dir: str) -> None:
+    """R@K at the smallest K: full vectors and each probe, overall and per slice."""
+    import matplotlib.pyplot as plt
+
+    k = min(k for series in g.values() for k in series)
+    sets = ["overall"] + sorted({n.split("slice/", 1)[1] for n in g if n.startswith("slice/")})
+    modes = ["full"] + sorted({n.split("/")[1] for n in g if n.startswith("probe/")})
+
+    def key(mode: str, name: str) -> str:
+        base = "" if mode == "full" else f"probe/{mode}"
+        tail = "" if name == "overall" else f"slice/{name}"
+        return "/".join(x for x in (base, tail) if x) or "overall"
+
+    fig, ax = plt.subplots(figsize=(1.2 + 1.3 * len(sets), 3.8))
+    width = 0.8 / len(modes)
+    x = np.arange(len(sets))
+    for i, mode in enumerate(modes):
+        ax.bar(x + (i - (len(modes) - 1) / 2) * width,
+               [g.get(key(mode, s), {}).get(k, np.nan) for s in sets], width, label=mode)
+    ax.set_xticks(x, sets, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel(f"R@{k}")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8, title="vectors", title_fontsize=8)
+    fig.tight_layout()
+    _save(fig, out_dir, "probes_slices.png")
+
+
+def _save(fig, out_dir: str, name: str) -> None:
+    import matplotlib.pyplot as plt
+
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "recall_at_k.png")
+        path = os.path.join(tmp, name)
         fig.savefig(path, dpi=100)
         with open(path, "rb") as f:
-            storage.write_bytes(storage.join(out_dir, "recall_at_k.png"), f.read())
+            storage.write_bytes(storage.join(out_dir, name), f.read())
     plt.close(fig)

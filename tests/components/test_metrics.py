@@ -49,3 +49,52 @@ def test_all_equal_vectors_score_zero():
 def test_dedupe_follows_reference_order():
     pairs = [("a", "b"), ("b", "c"), ("d", "a"), ("e", "f"), ("g", "g"), ("f", "h")]
     assert dedupe_pairs(pairs) == [("a", "b"), ("e", "f")]
+
+
+def test_evaluate_step_on_hand_made_vectors(tmp_path):
+    """The whole step: de-duplication, pool without queries, slices, probes per slice, files."""
+    import json
+
+    import pandas as pd
+
+    from components.common.config import EvalConfig
+    from components.common.readers import write_canonical
+    from components.common.schema import NoteDataset
+    from components.embed.run import write_vectors
+    from components.evaluate.run import run
+
+    ids = ["q1", "q2", "t1", "t2", "x"]
+    notes = pd.DataFrame({"note_id": ids, "title": "", "content": "", "topics": [[]] * 5,
+                          "image_uri": "", "category": "", "_file": "n.csv",
+                          "_row": range(1, 6)})
+
+    def pairs(rows):
+        return pd.DataFrame({"query_id": [a for a, _ in rows], "target_id": [b for _, b in rows],
+                             "score": 1.0, "_file": "p.csv", "_row": range(1, len(rows) + 1)})
+
+    # (q1, t1) appears twice and (t1, q2) re-uses t1: both dropped by the reference protocol
+    test = pairs([("q1", "t1"), ("q1", "t1"), ("q2", "t2"), ("t1", "q2")])
+    write_canonical(NoteDataset(notes={"test": notes},
+                                pairs={"test": test, "test_a": pairs([("q2", "t2")])}),
+                    str(tmp_path / "canon"))
+    # pool = t1, t2, x. Full vectors: q1's partner t1 ranks 1st; q2's partner t2 ranks 2nd (x
+    # is closer). Text probe: both partners rank last.
+    full = {"q1": [1, 0], "q2": [0, 1], "t1": [1, 0.1], "t2": [0.6, 0.8], "x": [0, 1]}
+    probe = {"q1": [1, 0], "q2": [0, 1], "t1": [-1, 0], "t2": [0, -1], "x": [0.5, 0.5]}
+    emb = tmp_path / "emb"
+    for name, vecs in (("notes", full), ("probe_text_only", probe), ("probe_image_only", full)):
+        write_vectors(pd.DataFrame({"note_id": ids, "vector": [
+            np.array(vecs[i], np.float32) / np.linalg.norm(vecs[i]) for i in ids]}),
+            str(emb / f"{name}.parquet"))
+    m = run(str(tmp_path / "canon"), str(emb), str(tmp_path / "eval"), EvalConfig(ks=(1, 2, 3)))
+    assert (m["n_queries"], m["pool_size"]) == (2, 3)
+    assert (m["R@1"], m["R@2"]) == (0.5, 1.0)
+    assert "R@3" not in m  # K must stay below the pool size
+    assert (m["slice/a/R@1"], m["slice/a/R@2"]) == (0.0, 1.0)
+    assert (m["probe/text_only/R@1"], m["probe/text_only/R@2"]) == (0.0, 0.0)
+    assert m["probe/text_only/slice/a/R@2"] == 0.0
+    assert m["probe/image_only/slice/a/R@2"] == 1.0
+    out = tmp_path / "eval"
+    assert json.loads((out / "metrics.json").read_text())["status"] == "complete"
+    for f in ("report.md", "recall_at_k.png", "probes_slices.png"):
+        assert (out / f).stat().st_size > 0
