@@ -1,8 +1,12 @@
 """The NoteLLM-2 training pipeline (KFP v2).
 
-ingest → validate ──gate──→ train → embed → index → evaluate → register (alias ``challenger``)
+ingest → mine_pairs → validate ──gate──→ train → embed → index → evaluate → register
+(alias ``challenger``)
 
-A failing validation fails its task, so nothing downstream runs and nothing is registered.
+mine_pairs replaces the training pairs with pairs mined from the events when the data has events
+(and passes the data through otherwise). A failing validation fails its task, so nothing
+downstream runs and nothing is registered; the later steps read validate's output, the data
+without the notes it dropped.
 """
 
 from typing import NamedTuple
@@ -15,6 +19,7 @@ from components.embed.component import embed
 from components.evaluate.component import evaluate
 from components.index.component import index
 from components.ingest.component import ingest
+from components.mine_pairs.component import mine_pairs
 from components.register.component import register
 from components.train.component import train
 from components.validate.component import validate
@@ -57,15 +62,18 @@ def notellm2_pipeline(
     ing.set_display_name("ingest").set_caching_options(False)
     common = {"preset": preset, "overrides": overrides}
     tracked = {"mlflow_tracking_uri": mlflow_tracking_uri, "mlflow_run_id": ing.outputs["Output"]}
-    val = validate(canonical=ing.outputs["canonical"], **common, **tracked)
+    mine = mine_pairs(canonical=ing.outputs["canonical"], **common, **tracked)
+    mine.set_display_name("mine pairs").set_caching_options(False)
+    val = validate(canonical=mine.outputs["mined"], **common, **tracked)
     val.set_display_name("validate").set_caching_options(False)
-    tr = train(canonical=ing.outputs["canonical"], **common, **tracked).after(val)
+    data = val.outputs["validated"]
+    tr = train(canonical=data, **common, **tracked)
     tr.set_display_name("train")
-    emb = embed(canonical=ing.outputs["canonical"], model=tr.outputs["model"], **common)
+    emb = embed(canonical=data, model=tr.outputs["model"], **common)
     emb.set_display_name("embed")
     idx = index(embeddings=emb.outputs["embeddings"], **common)
     idx.set_display_name("index")
-    ev = evaluate(canonical=ing.outputs["canonical"], embeddings=emb.outputs["embeddings"],
+    ev = evaluate(canonical=data, embeddings=emb.outputs["embeddings"],
                   **common)
     ev.set_display_name("evaluate")
     reg = register(model=tr.outputs["model"], evaluation=ev.outputs["evaluation"],

@@ -7,7 +7,7 @@ import json
 import pandas as pd
 
 from components.common import storage
-from components.common.readers import read_table
+from components.common.readers import read_table, write_table
 
 
 def load_canonical(canonical_dir: str) -> tuple[dict[str, pd.DataFrame], dict[str, pd.DataFrame],
@@ -21,3 +21,28 @@ def load_canonical(canonical_dir: str) -> tuple[dict[str, pd.DataFrame], dict[st
     pairs = {p: read_table(storage.join(canonical_dir, f"pairs_{p}.parquet"))
              for p in manifest["pairs"]}
     return notes, pairs, manifest
+
+
+def derive_canonical(src: str, dst: str, *, notes: dict[str, pd.DataFrame] | None = None,
+                     pairs: dict[str, pd.DataFrame] | None = None, note: dict | None = None
+                     ) -> dict:
+    """A canonical folder at ``dst`` made from the one at ``src``: ``notes``/``pairs`` replace
+    whole tables (the given dicts become the complete set), every other file is copied as is.
+    ``note`` is merged into the manifest (what the deriving step did). Returns the manifest."""
+    manifest = json.loads(storage.read_text(storage.join(src, "manifest.json")))
+    skip = {"manifest.json"}  # the old tables of a replaced kind, and the new ones
+    for kind, tables in (("notes", notes), ("pairs", pairs)):
+        if tables is None:
+            continue
+        skip |= {f"{kind}_{name}.parquet" for name in [*manifest[kind], *tables]}
+        manifest[kind] = {}
+        for name, df in tables.items():
+            write_table(df, storage.join(dst, f"{kind}_{name}.parquet"))
+            manifest[kind][name] = len(df)
+    for name in storage.list_files(src):
+        if name not in skip:
+            storage.write_bytes(storage.join(dst, name), storage.read_bytes(storage.join(src, name)))
+    manifest.update(note or {})
+    storage.write_text(storage.join(dst, "manifest.json"), json.dumps(manifest, indent=2,
+                                                                      default=str))
+    return manifest

@@ -17,11 +17,21 @@ from model.config import ModelConfig
 
 @dataclass(frozen=True)
 class DataConfig:
-    # broken or missing images allowed before validation fails (share of referenced images)
+    # Tolerances of the validate step's suites (components/validate/suites.py).
+    # Broken images allowed (share of notes naming an image) and notes without an image (share
+    # of notes) before validation fails; within it those notes are dropped and listed.
     max_broken_image_share: float = 0.0
     min_train_pairs: int = 1
     min_test_pairs: int = 1
     image_check_workers: int = 8
+    # generous bounds: the official notes have short titles and up to ~1,000 characters of text
+    max_title_chars: int = 1_000
+    max_content_chars: int = 20_000
+    # share of notes with an empty title / content (topic-only notes have an empty content)
+    max_empty_title_share: float = 0.5
+    max_empty_content_share: float = 0.5
+    # share of events that name a note present in the notes files
+    min_known_event_note_share: float = 0.9
 
 
 @dataclass(frozen=True)
@@ -68,9 +78,42 @@ class RegisterConfig:
 
 
 @dataclass(frozen=True)
+class MineConfig:
+    """How training pairs are mined from behaviour logs and split (``components/mine_pairs``).
+    Times in seconds, shares in [0, 1)."""
+
+    use_events: bool = True  # mine pairs when the data has events; False keeps the given pairs
+    window_s: float = 3600.0  # a view counts for clicks up to this many seconds after it
+    min_score_quantile: float = 0.0  # drop pairs scoring below this quantile of all scores
+    max_score_quantile: float = 1.0  # ... or above this one (outliers, e.g. bot-like bursts)
+    top_k: int = 10  # partners kept per note
+    symmetric: bool = True  # undirected pairs, s(A→B) + s(B→A); see the module docstring
+    split: str = "time"  # time | note | none
+    test_after: str = ""  # ISO time; events at or after it are test. "" = the test_share quantile
+    test_share: float = 0.2  # share of events (time split) or of notes (note split) for test
+    val_share: float = 0.1  # share of the train pairs held out to watch the validation loss
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.window_s <= 0:
+            raise ValueError(f"window_s must be positive, got {self.window_s}")
+        if not 0.0 <= self.min_score_quantile <= self.max_score_quantile <= 1.0:
+            raise ValueError("need 0 <= min_score_quantile <= max_score_quantile <= 1, got "
+                             f"{self.min_score_quantile}, {self.max_score_quantile}")
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {self.top_k}")
+        if self.split not in ("time", "note", "none"):
+            raise ValueError(f"split must be time, note or none, got {self.split!r}")
+        for name in ("test_share", "val_share"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    mine: MineConfig = field(default_factory=MineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     index: IndexConfig = field(default_factory=IndexConfig)

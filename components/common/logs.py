@@ -16,4 +16,5 @@ def setup(level: int = logging.INFO) -> None:
     # instead of redrawing one line with carriage returns.
     if not sys.stderr.isatty():
         os.environ.setdefault("TQDM_MININTERVAL", "10")
-        os.environ.setdefault("TQDM_ASCII", "1")
+        # tqdm takes the env value as the bar charset, so spell out its ASCII one
+        os.environ.setdefault("TQDM_ASCII", " 123456789#")

@@ -286,7 +286,7 @@ def _read_events(path: str, ext: str) -> pd.DataFrame:
         row = int(unknown.to_numpy().argmax()) + 1
         raise DataError(f"{where(file, row, 'event')}: unknown event {df['event'].iloc[row - 1]!r}"
                         f" (expected one of {', '.join(EVENT_TYPES)})")
-    ts = pd.to_datetime(df["ts"], errors="coerce", utc=True)
+    ts = pd.to_datetime(df["ts"], errors="coerce", utc=True, format="ISO8601")
     if ts.isna().any():
         row = int(ts.isna().to_numpy().argmax()) + 1
         raise DataError(f"{where(file, row, 'ts')}: unparseable timestamp {df['ts'].iloc[row - 1]!r}")

@@ -1,38 +1,38 @@
-"""validate: the checks that must hold before any training starts.
+"""validate: the Great Expectations suites that must hold before any training starts.
 
-Every problem names the file, row and field. A failing check stops the pipeline with
-:class:`DataError`; warnings are reported and the run goes on.
+The suites are code (:mod:`components.validate.suites`), run in an ephemeral GX context
+(:mod:`components.validate.engine`). A failed critical expectation stops the pipeline with
+:class:`DataError` naming the expectation, the observed value and example rows by file, row and
+field; warnings are reported and the run goes on. Notes whose image is missing or broken are
+dropped only within ``max_broken_image_share``, and listed in ``dropped_notes.json``.
+
+Writes to ``out_dir``: ``validation.json``, ``summary.md``, ``gx_results.json`` (GX's results),
+``data_docs.html`` (one self-contained page, see :mod:`components.validate.docs`),
+``dropped_notes.json`` (only when validation passes) and ``images.parquet`` (size and mode of
+every checked image).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+import time
 from dataclasses import dataclass, field
 
 import pandas as pd
-from PIL import Image
-from tqdm.auto import tqdm
 
 from components.common import storage
-from components.common.canonical import load_canonical
+from components.common.canonical import derive_canonical, load_canonical
 from components.common.config import DataConfig
+from components.common.readers import read_table, write_table
 from components.common.schema import DataError, where
+from components.validate import docs, engine
+from components.validate.engine import Outcome
+from components.validate.images import check_images
+from components.validate.suites import NOTE_CSV_FIELDS, SUITE_VERSION, Table, notes_frame, tables
 
 log = logging.getLogger(__name__)
-MAX_EXAMPLES = 10
-
-# magic numbers of the formats we accept, checked before Pillow sees the bytes
-_MAGIC: list[tuple[str, Callable[[bytes], bool]]] = [
-    ("jpeg", lambda b: b[:3] == b"\xff\xd8\xff"),
-    ("png", lambda b: b[:8] == b"\x89PNG\r\n\x1a\n"),
-    ("webp", lambda b: b[:4] == b"RIFF" and b[8:12] == b"WEBP"),
-    ("gif", lambda b: b[:6] in (b"GIF87a", b"GIF89a")),
-    ("bmp", lambda b: b[:2] == b"BM"),
-]
+MAX_LISTED = 20
 
 
 @dataclass
@@ -40,139 +40,175 @@ class Report:
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     stats: dict[str, object] = field(default_factory=dict)
+    outcomes: list[Outcome] = field(default_factory=list)
+    # notes with a missing or broken image; ``dropped`` only when validation passes
+    without_image: list[dict] = field(default_factory=list)
+    dropped: list[dict] = field(default_factory=list)
 
-    def fail(self, check: str, problems: list[str]) -> None:
-        if problems:
-            shown = problems[:MAX_EXAMPLES]
-            more = f" (and {len(problems) - len(shown)} more)" if len(problems) > len(shown) else ""
-            self.errors.append(f"{check}: {len(problems)} problem(s){more}\n    "
-                               + "\n    ".join(shown))
+    @property
+    def success(self) -> bool:
+        return not self.errors
 
     def markdown(self) -> str:
-        lines = ["# Data validation", "", f"**{'FAILED' if self.errors else 'passed'}**", ""]
+        lines = ["# Data validation", "", f"**{'passed' if self.success else 'FAILED'}** "
+                 f"(Great Expectations suites version {SUITE_VERSION})", "",
+                 "| suite | expectations | passed | failed | warnings |",
+                 "| --- | --- | --- | --- | --- |"]
+        for s in dict.fromkeys(o.suite for o in self.outcomes):
+            mine = [o for o in self.outcomes if o.suite == s]
+            lines.append(f"| {s} | {len(mine)} | {sum(o.success for o in mine)} | "
+                         f"{sum(o.fatal for o in mine)} | "
+                         f"{sum(not o.success and not o.fatal for o in mine)} |")
+        lines.append("")
         if self.errors:
             lines += ["## Errors", ""] + [f"- {e}" for e in self.errors] + [""]
         if self.warnings:
             lines += ["## Warnings", ""] + [f"- {w}" for w in self.warnings] + [""]
+        if self.dropped:
+            lines += [f"## Dropped notes ({len(self.dropped)}, all in dropped_notes.json)", ""]
+            lines += [f"- {d['note_id']}: {d['where']}: {d['problem']}"
+                      for d in self.dropped[:MAX_LISTED]] + [""]
         lines += ["## Statistics", "", "| statistic | value |", "| --- | --- |"]
         lines += [f"| {k} | {v} |" for k, v in self.stats.items()]
         return "\n".join(lines) + "\n"
 
 
-def sniff(data: bytes) -> str | None:
-    return next((name for name, test in _MAGIC if test(data)), None)
-
-
-def check_image(uri: str) -> tuple[str | None, tuple[int, int] | None, str | None]:
-    """(problem, size, mode) for one image file."""
-    try:
-        data = storage.read_bytes(uri)
-    except (OSError, ValueError) as e:
-        return f"cannot be read ({e.__class__.__name__}: {e})", None, None
-    if not data:
-        return "empty file (0 bytes)", None, None
-    if sniff(data) is None:
-        return f"not an image (starts with {data[:8]!r})", None, None
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()  # a full decode: catches truncated files
-            return None, im.size, im.mode
-    except Exception as e:  # noqa: BLE001 - Pillow raises many kinds for corrupt data
-        return f"cannot be decoded ({e.__class__.__name__}: {e})", None, None
-
-
-def _check_notes(notes: dict[str, pd.DataFrame], rep: Report) -> None:
-    allnotes = pd.concat(notes.values(), ignore_index=True)
-    dup = allnotes[allnotes.duplicated("note_id", keep=False)]
-    problems = []
-    for note_id, group in dup.groupby("note_id", sort=False):
-        places = "; ".join(where(f, r) for f, r in zip(group["_file"], group["_row"], strict=True))
-        problems.append(f"{places}, field 'noteid': note id {note_id!r} appears {len(group)} times")
-    rep.fail("duplicate note ids", problems)
-    for split, df in notes.items():
-        rep.stats[f"notes_{split}"] = len(df)
-        if len(df):
-            rep.stats[f"notes_{split} empty titles"] = f"{(df['title'] == '').mean():.1%}"
-            rep.stats[f"notes_{split} empty contents"] = f"{(df['content'] == '').mean():.1%}"
-
-
-def _check_pairs(notes: dict[str, pd.DataFrame], pairs: dict[str, pd.DataFrame], cfg: DataConfig,
-                 rep: Report) -> None:
-    known_all = set().union(*(set(df["note_id"]) for df in notes.values())) if notes else set()
-    test_ids = set(notes["test"]["note_id"]) if "test" in notes else known_all
-    problems: list[str] = []
-    for name, df in pairs.items():
-        is_test = name == "test" or name.startswith("test_")
-        known = test_ids if is_test else known_all
-        scope = "notes_test" if is_test and "test" in notes else "any notes file"
-        for col, fld in (("query_id", "noteid1"), ("target_id", "noteid2")):
-            bad = df[~df[col].isin(known)]
-            problems += [f"{where(f, r, fld)}: unknown note id {v!r} (not in {scope})"
-                         for f, r, v in zip(bad["_file"], bad["_row"], bad[col], strict=True)]
-        selfp = df[df["query_id"] == df["target_id"]]
-        if len(selfp):
-            rep.warnings.append(f"{df['_file'].iloc[0]}: {len(selfp)} self-pair(s), ignored "
-                                f"(first at row {selfp['_row'].iloc[0]})")
-        dups = int(df.duplicated(["query_id", "target_id"]).sum())
-        if dups:
-            rep.warnings.append(f"{df['_file'].iloc[0]}: {dups} duplicate pair(s)")
-        rep.stats[f"pairs_{name}"] = len(df)
-    rep.fail("pairs naming unknown notes", problems)
-    for name, minimum in (("train", cfg.min_train_pairs), ("test", cfg.min_test_pairs)):
-        n = len(pairs.get(name, []))
-        if n < minimum:
-            rep.fail("minimum pair count", [f"note_pairs_{name}: {n} pair(s), at least {minimum} "
-                                            "needed"])
-
-
-def _check_images(notes: dict[str, pd.DataFrame], cfg: DataConfig, rep: Report) -> None:
-    allnotes = pd.concat(notes.values(), ignore_index=True)
-    missing = allnotes[allnotes["image_uri"] == ""]
-    problems = [f"{where(f, r, 'imgid')}: no image file found for note {n!r}"
-                f"{' (imgid ' + repr(i) + ')' if isinstance(i, str) and i else ''}"
-                for f, r, n, i in zip(missing["_file"], missing["_row"], missing["note_id"],
-                                      missing.get("imgid", [""] * len(missing)), strict=True)]
-    present = allnotes[allnotes["image_uri"] != ""]
-    uris = present["image_uri"].drop_duplicates().tolist()
-    with ThreadPoolExecutor(max_workers=max(1, cfg.image_check_workers)) as pool:
-        results = dict(zip(uris, tqdm(pool.map(check_image, uris), total=len(uris),
-                                      desc="check images", unit="img"),
-                           strict=True))
-    for f, r, n, u in zip(present["_file"], present["_row"], present["note_id"],
-                          present["image_uri"], strict=True):
-        problem = results[u][0]
-        if problem:
-            problems.append(f"{where(f, r, 'imgid')}: image {u} of note {n!r}: {problem}")
-    sizes = [s for _, s, _ in results.values() if s]
-    modes = pd.Series([m for _, _, m in results.values() if m]).value_counts().to_dict()
-    rep.stats["images checked"] = len(uris)
-    if sizes:
-        rep.stats["image width median"] = int(pd.Series([s[0] for s in sizes]).median())
-        rep.stats["image height median"] = int(pd.Series([s[1] for s in sizes]).median())
-        rep.stats["image modes"] = ", ".join(f"{k}: {v}" for k, v in modes.items())
-    share = len(problems) / max(1, len(allnotes))
-    rep.stats["broken or missing images"] = f"{len(problems)} ({share:.2%})"
-    if share > cfg.max_broken_image_share:
-        rep.fail(f"broken or missing images (tolerance {cfg.max_broken_image_share:.2%})",
-                 problems)
-    elif problems:
-        rep.warnings.append(f"{len(problems)} broken or missing image(s) within tolerance; those "
-                            "notes are encoded without an image: " + "; ".join(problems[:5]))
-
-
-def run(canonical_dir: str, out_dir: str, cfg: DataConfig) -> Report:
-    notes, pairs, _ = load_canonical(canonical_dir)
-    rep = Report()
-    _check_notes(notes, rep)
-    _check_pairs(notes, pairs, cfg, rep)
-    _check_images(notes, cfg, rep)
-    storage.write_text(storage.join(out_dir, "validation.json"), json.dumps(
-        {"success": not rep.errors, "errors": rep.errors, "warnings": rep.warnings,
-         "statistics": rep.stats}, indent=2, default=str))
-    storage.write_text(storage.join(out_dir, "summary.md"), rep.markdown())
+def run(canonical_dir: str, out_dir: str, cfg: DataConfig, validated_dir: str = "") -> Report:
+    """Validate the canonical folder; on success and with ``validated_dir``, write there the
+    folder the later steps use: the same data without the dropped notes and their pairs."""
+    notes, pairs, manifest = load_canonical(canonical_dir)
+    events = (read_table(storage.join(canonical_dir, "events.parquet"))
+              if manifest.get("events") is not None else None)
+    start = time.perf_counter()
+    images = check_images(notes_frame(notes), cfg.image_check_workers)
+    checked = time.perf_counter()
+    todo = tables(notes, pairs, events, images, cfg)
+    results = engine.validate(todo)
+    rep = report(todo, results, cfg)
+    rep.stats |= {"seconds_images": round(checked - start, 2),
+                  "seconds_gx": round(time.perf_counter() - checked, 2)}
+    _write(out_dir, rep, todo, results)
     for w in rep.warnings:
         log.warning(w)
     if rep.errors:
-        raise DataError("data validation failed:\n  " + "\n  ".join(rep.errors))
+        raise DataError(f"data validation failed ({len(rep.errors)} expectation(s); details in "
+                        "summary.md and data_docs.html):\n  " + "\n  ".join(rep.errors))
+    if validated_dir:
+        _write_validated(canonical_dir, validated_dir, notes, pairs, rep)
     log.info("validation passed: %s", rep.stats)
     return rep
+
+
+def _write_validated(canonical_dir: str, validated_dir: str, notes: dict[str, pd.DataFrame],
+                     pairs: dict[str, pd.DataFrame], rep: Report) -> None:
+    gone = {d["note_id"] for d in rep.dropped}
+    if not gone:
+        derive_canonical(canonical_dir, validated_dir, note={"validation": {"dropped_notes": 0}})
+        return
+    keep_pairs = {k: v[~(v["query_id"].isin(gone) | v["target_id"].isin(gone))]
+                  for k, v in pairs.items()}
+    lost = {k: len(pairs[k]) - len(v) for k, v in keep_pairs.items() if len(pairs[k]) - len(v)}
+    rep.stats |= {f"pairs_dropped_{k}": n for k, n in lost.items()}
+    derive_canonical(canonical_dir, validated_dir,
+                     notes={k: v[~v["note_id"].isin(gone)] for k, v in notes.items()},
+                     pairs=keep_pairs,
+                     note={"validation": {"dropped_notes": len(gone), "dropped_pairs": lost}})
+    log.warning("%d note(s) dropped for a missing or broken image, with %d pair(s) naming them",
+                len(gone), sum(lost.values()))
+
+
+def report(todo: list[Table], results: dict[str, dict], cfg: DataConfig) -> Report:
+    """Errors, warnings, dropped notes and statistics from the GX results."""
+    by_name = {t.name: t.frame for t in todo}
+    rep = Report(stats=_statistics(by_name))
+    for t in todo:
+        found = engine.outcomes(t, results[t.name])
+        rep.outcomes += found
+        rep.errors += [o.text() for o in found if o.fatal]
+        rep.warnings += [o.text() for o in found if not o.success and not o.fatal]
+        rep.stats[f"suite_{t.name}_success"] = int(not any(o.fatal for o in found))
+    rep.without_image = lost = _without_image(by_name["notes"], by_name["images"])
+    rep.stats["notes_without_usable_image"] = len(lost)
+    if lost and rep.success:
+        # within tolerance: the notes go, loudly, and the list travels with the report
+        rep.dropped = lost
+        rep.warnings.append(
+            f"{len(lost)} note(s) without a usable image, within tolerance "
+            f"(max_broken_image_share={cfg.max_broken_image_share}); dropped, listed in "
+            "dropped_notes.json: " + "; ".join(f"{d['where']}: {d['problem']}"
+                                              for d in lost[:5]))
+    rep.stats["notes_dropped"] = len(rep.dropped)
+    return rep
+
+
+def _without_image(notes: pd.DataFrame, images: pd.DataFrame) -> list[dict]:
+    def place(file: str, row: int) -> str:
+        return where(file, int(row), NOTE_CSV_FIELDS["image_uri"] if file.endswith(".csv")
+                     else "image_uri")
+
+    missing = notes[notes["image_uri"] == ""]
+    broken = images[~images["decodes"]]
+    return ([{"note_id": n, "where": place(f, r), "problem": "no image file found"}
+             for n, f, r in zip(missing["note_id"], missing["_file"], missing["_row"],
+                                strict=True)]
+            + [{"note_id": n, "where": place(f, r), "problem": f"image {u}: {p}"}
+               for n, f, r, u, p in zip(broken["note_id"], broken["_file"], broken["_row"],
+                                        broken["image_uri"], broken["problem"], strict=True)])
+
+
+def _statistics(frames: dict[str, pd.DataFrame]) -> dict[str, object]:
+    """Counts and shares (numbers, so the component can log them to MLflow)."""
+    notes, images = frames["notes"], frames["images"]
+    stats: dict[str, object] = {f"notes_{s}": int(n) for s, n in
+                                notes["split"].value_counts(sort=False).items()}
+    stats["notes"] = len(notes)
+    if len(notes):
+        stats["empty_title_share"] = round(float((notes["title"] == "").mean()), 4)
+        stats["empty_content_share"] = round(float((notes["content"] == "").mean()), 4)
+        stats["missing_image_share"] = round(float((notes["image_uri"] == "").mean()), 4)
+    stats["images_checked"] = int(images["image_uri"].nunique())
+    stats["broken_image_share"] = (round(float((~images["decodes"]).mean()), 4) if len(images)
+                                   else 0.0)
+    ok = images[images["decodes"]].drop_duplicates("image_uri")
+    if len(ok):
+        stats["image_width_median"] = int(ok["width"].median())
+        stats["image_height_median"] = int(ok["height"].median())
+        stats["image_modes"] = ", ".join(f"{k}: {v}" for k, v in ok["mode"].value_counts().items())
+    for name, df in frames.items():
+        if name.startswith("pairs_"):
+            stats[name] = len(df)
+            stats[f"{name}_self"] = int((df["query_id"] == df["target_id"]).sum())
+            stats[f"{name}_duplicates"] = int(df.duplicated(["query_id", "target_id"]).sum())
+    if "events" in frames:
+        events = frames["events"]
+        stats["events"] = len(events)
+        stats["known_event_note_share"] = (round(float((events["note_id_split"] != "").mean()), 4)
+                                           if len(events) else 1.0)
+    return stats
+
+
+def _write(out_dir: str, rep: Report, todo: list[Table], results: dict[str, dict]) -> None:
+    import great_expectations as gx
+
+    def put(name: str, text: str) -> None:
+        storage.write_text(storage.join(out_dir, name), text)
+
+    put("gx_results.json", json.dumps({"suite_version": SUITE_VERSION, "results": results},
+                                      indent=1, default=str))
+    put("validation.json", json.dumps(
+        {"success": rep.success, "suite_version": SUITE_VERSION, "errors": rep.errors,
+         "warnings": rep.warnings, "statistics": rep.stats,
+         "suites": {t.name: results[t.name]["statistics"] for t in todo},
+         "notes_without_usable_image": rep.without_image[:1000]},
+        indent=2, default=str))
+    put("summary.md", rep.markdown())
+    put("data_docs.html", docs.render(
+        success=rep.success, outcomes=rep.outcomes, rows={t.name: len(t.frame) for t in todo},
+        stats=rep.stats, dropped=rep.dropped, suite_version=SUITE_VERSION,
+        gx_version=gx.__version__))
+    images = next(t.frame for t in todo if t.name == "images")
+    write_table(images, storage.join(out_dir, "images.parquet"))
+    if rep.success:
+        put("dropped_notes.json", json.dumps(
+            {"reason": "missing or broken image, within data.max_broken_image_share",
+             "note_ids": [d["note_id"] for d in rep.dropped], "notes": rep.dropped}, indent=2))

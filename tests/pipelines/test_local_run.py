@@ -44,6 +44,9 @@ def test_pipeline_runs_end_to_end(demo_dir, tmp_path):
     assert run.data.metrics["R_at_10"] == pytest.approx(m["R@10"])
     assert "train/loss" in run.data.metrics and run.data.params["train.max_steps"] == "15"
     assert run.data.tags["kfp_run_id"]
+    # the demo ships events: training pairs were mined and the split recorded
+    assert run.data.params["mine.split.method"] == "time" and run.data.params["mine.split.cutoff"]
+    assert run.data.metrics["mine/pairs_train"] > 0
     import pyarrow.parquet as pq
 
     emb = pq.read_table(os.path.join(work, "embeddings", "notes.parquet")).to_pandas()
@@ -66,13 +69,14 @@ def test_pipeline_runs_end_to_end(demo_dir, tmp_path):
 def test_unknown_pair_id_stops_before_training(demo_dir, tmp_path):
     bad = str(tmp_path / "bad")
     shutil.copytree(demo_dir, bad)
-    with open(os.path.join(bad, "note_pairs_train.csv"), "a") as f:
+    # the test pairs are kept when training pairs are mined from the events
+    with open(os.path.join(bad, "note_pairs_test.csv"), "a") as f:
         f.write("n000001,nosuchnote\n")
     work = str(tmp_path / "badrun")
     with pytest.raises(PipelineFailed, match="validate") as e:
         run_local(bad, work, overrides=FAST)
     # the failing task's own error is quoted, naming file, row, field and id
-    assert "note_pairs_train.csv row" in str(e.value) and "nosuchnote" in str(e.value)
+    assert "note_pairs_test.csv row" in str(e.value) and "nosuchnote" in str(e.value)
     assert not os.path.exists(os.path.join(work, "metrics.json"))
     assert not _versions(work)
     roots = os.listdir(os.path.join(work, "pipeline_root"))

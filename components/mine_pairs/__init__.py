@@ -1,0 +1,1 @@
+"""mine_pairs: related-note pairs from view→click co-occurrence in user event logs."""

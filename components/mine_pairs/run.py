@@ -1,0 +1,471 @@
+"""mine_pairs: related-note pairs from view→click co-occurrence (NoteLLM §4.3).
+
+Score of the directed pair A→B (A viewed, then B clicked, by the same user)::
+
+    s(A→B) = Σ_u c_u(A→B) / N_u
+
+``c_u(A→B)``  the number of user u's click events on B that have at least one view of A (A ≠ B)
+              by u inside the click's window, ``t_c - window_s <= t_v <= t_c`` (both ends
+              inclusive). Several views of A inside one click's window count once for that click.
+``N_u``       the number of click events of user u in the events given (every click, whether or
+              not a view precedes it; a repeated click counts again). Heavy clickers are damped.
+
+Symmetric mode scores the undirected pair {A, B} as ``s(A→B) + s(B→A)`` and writes it once, with
+``query_id < target_id``; a pair is kept when it is among the ``top_k`` partners of either of its
+notes. Directed mode writes ``query_id = A``, ``target_id = B`` and keeps each query note's
+``top_k`` targets. Ties are broken by the partner id, ascending.
+
+The engine is NumPy: events are sorted by (user, time) once, each click finds its window of views
+with two binary searches and the (click, view) matches are expanded with ``np.repeat``; no Python
+loop touches events. ``tests/benchmarks/bench_mine_pairs.py`` measures it against a DuckDB range
+join. Logs larger than memory go through :func:`mine_pairs_files`, which buckets users by hash.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import asdict
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from components.common import storage
+from components.common.canonical import derive_canonical, load_canonical
+from components.common.config import MineConfig
+from components.common.readers import _read_events, read_table, write_table
+from components.common.schema import EVENT_COLUMNS, EVENT_TYPES, PAIR_COLUMNS, DataError, where
+
+log = logging.getLogger(__name__)
+
+_QUANTILES = (0.0, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
+
+
+
+def _epoch_ns(ts: pd.Series) -> np.ndarray:
+    """Event times as int64 nanoseconds since the epoch; numbers are taken as seconds."""
+    if pd.api.types.is_numeric_dtype(ts):
+        return np.round(ts.to_numpy(np.float64) * 1e9).astype(np.int64)
+    if not isinstance(ts.dtype, pd.DatetimeTZDtype | np.dtypes.DateTime64DType):
+        ts = pd.to_datetime(ts, utc=True, format="ISO8601")
+    elif getattr(ts.dt, "tz", None) is None:
+        ts = ts.dt.tz_localize("UTC")
+    return ts.dt.as_unit("ns").astype("int64").to_numpy()
+
+
+def _prepare(events: pd.DataFrame, file: str = "events", first_row: int = 1) -> pd.DataFrame:
+    """Columns user_id, note_id (str), click (bool), t (int64 ns); checks columns and values.
+
+    ``first_row`` is the file row number of the frame's first row, for error messages.
+    """
+    missing = [c for c in EVENT_COLUMNS if c not in events.columns]
+    if missing:
+        raise DataError(f"{file}: missing column(s) {', '.join(repr(c) for c in missing)} "
+                        f"(every row); the table has {', '.join(map(str, events.columns))}")
+    kind = events["event"].astype(str).str.strip()
+    unknown = ~kind.isin(EVENT_TYPES)
+    if unknown.any():
+        i = int(unknown.to_numpy().argmax())
+        raise DataError(f"{where(file, first_row + i, 'event')}: unknown event {kind.iloc[i]!r} "
+                        f"(expected one of {', '.join(EVENT_TYPES)})")
+    # Series, not NumPy: Arrow-backed strings factorize fast and copying them out costs
+    return pd.DataFrame({"user_id": events["user_id"].astype(str).reset_index(drop=True),
+                         "note_id": events["note_id"].astype(str).reset_index(drop=True),
+                         "click": (kind == "click").to_numpy(),
+                         "t": _epoch_ns(events["ts"])})
+
+
+def _group_sum(key: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct keys ascending, summed weight per key); a stable sort fixes the summing order."""
+    order = np.argsort(key, kind="stable")
+    k = key[order]
+    starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]]) if len(k) else np.zeros(0, np.int64)
+    sums = np.add.reduceat(weight[order], starts) if len(k) else np.zeros(0)
+    return k[starts], sums
+
+
+def _cooccur(user: np.ndarray, note: np.ndarray, click: np.ndarray, t: np.ndarray, window_ns: int,
+             n_notes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Directed scores from integer-coded events.
+
+    user, note: (n_events,) int codes; click: (n_events,) bool; t: (n_events,) int64 ns.
+    Returns (a, b, score): (n_pairs,) viewed-note codes, clicked-note codes, float64 scores,
+    sorted by (a, b).
+    """
+    n = len(t)
+    # Rank the times so that (user, time) packs into one sortable int64 and ties stay tied:
+    # a view is in a click's window iff since(click) <= below(view) < upto(click).
+    # Ties may land in any order here: tied events share their keys, and tied clicks of one user
+    # carry equal weights, so every sum below comes out bit for bit the same.
+    by_t = np.argsort(t)
+    st = t[by_t]
+    first = np.flatnonzero(np.r_[True, st[1:] != st[:-1]])  # starts of runs of equal times
+    size = np.diff(np.r_[first, n])
+    below, upto, since = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)
+    below[by_t] = np.repeat(first, size)  # number of times < t
+    upto[by_t] = np.repeat(first + size, size)  # number of times <= t
+    since[by_t] = np.searchsorted(st, st - window_ns)  # number of times < t - window
+    base = user.astype(np.int64) * (n + 1)
+    order = np.argsort(base + below)  # events by (user, time)
+    view, clk = order[~click[order]], order[click[order]]  # event indices, (n_views,) (n_clicks,)
+    vkey = (base + below)[view]
+    # both query arrays ascend like vkey, so the binary searches walk memory in order
+    lo = np.searchsorted(vkey, (base + since)[clk])
+    counts = np.searchsorted(vkey, (base + upto)[clk]) - lo  # views in each click's window
+    click_of = np.repeat(clk, counts)  # (n_matches,) event index of the click
+    view_of = view[np.arange(len(click_of)) - np.repeat(np.cumsum(counts) - counts - lo, counts)]
+    a, b = note[view_of], note[click_of]
+    keep = a != b
+    click_of, a, b = click_of[keep], a[keep], b[keep]
+    # one count per (click, viewed note), however often the note was viewed in the window
+    once = ~pd.Series(click_of.astype(np.int64) * n_notes + a).duplicated().to_numpy()
+    n_clicks = np.bincount(user[click], minlength=int(user.max(initial=-1)) + 1)  # N_u
+    pairs, score = _group_sum(a[once].astype(np.int64) * n_notes + b[once],
+                              1.0 / n_clicks[user[click_of[once]]])
+    return pairs // n_notes, pairs % n_notes, score
+
+
+def _score_codes(ev: pd.DataFrame, window_s: float
+                 ) -> tuple[pd.Index, np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, a, b, score) of :func:`_cooccur` for prepared events; ``ids[code]`` is the note id."""
+    user, _ = pd.factorize(ev["user_id"])
+    note, ids = pd.factorize(ev["note_id"], sort=True)  # code order = id order
+    a, b, score = _cooccur(user, note, ev["click"].to_numpy(bool), ev["t"].to_numpy(np.int64),
+                           round(window_s * 1e9), max(len(ids), 1))
+    return ids, a, b, score
+
+
+def _frame(ids: pd.Index, q: np.ndarray, t: np.ndarray, s: np.ndarray) -> pd.DataFrame:
+    return pd.DataFrame({"query_id": ids.take(q).astype(str), "target_id": ids.take(t).astype(str),
+                         "score": s.astype(np.float64)})
+
+
+def score_pairs(events: pd.DataFrame, window_s: float) -> pd.DataFrame:
+    """Directed co-occurrence scores: query_id = viewed note A, target_id = clicked note B.
+
+    events: (n_events,) rows of user_id, note_id, event (view|click), ts (datetime, ISO string
+    or epoch seconds). Returns (n_pairs,) rows of query_id, target_id, score (float64), every pair
+    with a positive score, sorted by (query_id, target_id). No outlier drop, no top-k.
+    """
+    return _frame(*_score_codes(_prepare(events), window_s))
+
+
+# -- selection -----------------------------------------------------------------------------------
+
+
+def _top_k(ends: np.ndarray, score: np.ndarray, k: int) -> np.ndarray:
+    """Rows (n,) among the k best of their end note: score desc, then partner id asc.
+
+    The rows must list each end note's partners in ascending id order: the stable sort keeps that
+    order among equal scores (3x faster than sorting on the partner as a third key).
+    """
+    order = np.lexsort((-score, ends))
+    e = ends[order]
+    starts = np.flatnonzero(np.r_[True, e[1:] != e[:-1]]) if len(e) else np.zeros(0, np.int64)
+    rank = np.arange(len(e)) - np.repeat(starts, np.diff(np.r_[starts, len(e)]))
+    return order[rank < k]
+
+
+def _select_codes(a: np.ndarray, b: np.ndarray, s: np.ndarray, n_ids: int, cfg: MineConfig
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """Symmetrise (per cfg), drop score outliers, keep top-k partners per note.
+
+    a, b: (n,) note codes whose order is the id order; s: (n,) directed scores. Returns
+    (query, target, score, stats) sorted by (query, target); stats counts each stage.
+    """
+    n = np.int64(max(n_ids, 1))
+    q, t = (np.minimum(a, b), np.maximum(a, b)) if cfg.symmetric else (a, b)
+    key, s = _group_sum(q.astype(np.int64) * n + t, s)
+    q, t = key // n, key % n
+    stats: dict = {"scored_pairs": len(s)}
+    lo_q, hi_q = cfg.min_score_quantile, cfg.max_score_quantile
+    if len(s) and (lo_q > 0.0 or hi_q < 1.0):
+        lo, hi = np.quantile(s, [lo_q, hi_q])
+        inside = (s >= lo) & (s <= hi)
+        q, t, s = q[inside], t[inside], s[inside]
+        stats["score_bounds"] = [float(lo), float(hi)]
+    stats["after_outlier_drop"] = len(s)
+    if cfg.symmetric:
+        # each undirected pair ranked from both notes, either may keep it; rows are sorted by
+        # (q, t) and q < t, so [t-ends, q-ends] lists every note's partners in ascending order
+        rows = _top_k(np.r_[t, q], np.r_[s, s], cfg.top_k)
+        kept = np.zeros(len(s), bool)
+        kept[rows % max(len(s), 1)] = True
+        kept = np.flatnonzero(kept)
+    else:
+        kept = np.sort(_top_k(q, s, cfg.top_k))
+    stats["after_top_k"] = len(kept)
+    return q[kept], t[kept], s[kept], stats
+
+
+def select_pairs(scores: pd.DataFrame, cfg: MineConfig) -> tuple[pd.DataFrame, dict]:
+    """:func:`_select_codes` on a frame of directed scores (as from :func:`score_pairs`).
+
+    Duplicate (query_id, target_id) rows are summed. Returns (pairs, stats), pairs sorted by
+    (query_id, target_id).
+    """
+    codes, ids = pd.factorize(pd.concat([scores["query_id"], scores["target_id"]]), sort=True)
+    a, b = np.split(codes, 2)
+    q, t, s, stats = _select_codes(a, b, scores["score"].to_numpy(np.float64), len(ids), cfg)
+    return _frame(ids, q, t, s), stats
+
+
+def _mine(ev: pd.DataFrame, cfg: MineConfig) -> tuple[pd.DataFrame, dict]:
+    ids, a, b, s = _score_codes(ev, cfg.window_s)
+    q, t, s, stats = _select_codes(a, b, s, len(ids), cfg)
+    clicks = int(ev["click"].sum())
+    return _frame(ids, q, t, s), {"events": len(ev), "clicks": clicks, "views": len(ev) - clicks,
+                                  "users": int(ev["user_id"].nunique()), **stats}
+
+
+def mine_pairs(events: pd.DataFrame, cfg: MineConfig) -> pd.DataFrame:
+    """Related pairs (n_pairs,) of query_id, target_id, score (float64) from an event log.
+
+    events: rows of user_id, note_id, event (view|click), ts. Scores, symmetry, the outlier drop
+    and top-k follow the module docstring and ``cfg``.
+    """
+    return _mine(_prepare(events), cfg)[0]
+
+
+# -- logs larger than memory ---------------------------------------------------------------------
+
+
+def _batches(path: str, rows: int) -> Iterator[pd.DataFrame]:
+    """Event rows of one Parquet or CSV file, ``rows`` at a time."""
+    with storage.local_copy(path) as local:
+        if path.endswith(".parquet"):
+            for batch in pq.ParquetFile(local).iter_batches(rows, columns=EVENT_COLUMNS):
+                yield batch.to_pandas()
+        elif path.endswith(".csv"):
+            opts = pacsv.ConvertOptions(column_types=dict.fromkeys(EVENT_COLUMNS, pa.string()),
+                                        include_columns=EVENT_COLUMNS)
+            with pacsv.open_csv(local, convert_options=opts,
+                                read_options=pacsv.ReadOptions(block_size=64 << 20)) as reader:
+                for batch in reader:
+                    yield batch.to_pandas()
+        else:
+            raise DataError(f"{storage.basename(path)}: expected a .parquet or .csv event file")
+
+
+def mine_pairs_files(paths: Sequence[str], cfg: MineConfig, partitions: int = 16,
+                     batch_rows: int = 1 << 20) -> pd.DataFrame:
+    """:func:`mine_pairs` over event files too large to hold at once.
+
+    One pass writes every batch's rows to ``partitions`` temporary Parquet buckets by a hash of
+    user_id, so each user (and so N_u) lies whole in one bucket; each bucket is then scored in
+    memory and the partial directed scores are summed before selection. Peak memory is about
+    one bucket plus the directed pair table.
+    """
+    with tempfile.TemporaryDirectory(prefix="mine-pairs-") as tmp:
+        writers: dict[int, pq.ParquetWriter] = {}
+        try:
+            for path in paths:
+                row = 1
+                for batch in _batches(path, batch_rows):
+                    ev = _prepare(batch, storage.basename(path), row)
+                    row += len(batch)
+                    bucket = pd.util.hash_array(ev["user_id"].to_numpy(object)) % partitions
+                    for p, part in ev.groupby(bucket, sort=False):
+                        table = pa.Table.from_pandas(part, preserve_index=False)
+                        if p not in writers:
+                            writers[p] = pq.ParquetWriter(os.path.join(tmp, f"{p}.parquet"),
+                                                          table.schema)
+                        writers[p].write_table(table)
+        finally:
+            for w in writers.values():
+                w.close()
+        partial = [_frame(*_score_codes(pq.read_table(os.path.join(tmp, f"{p}.parquet"))
+                                        .to_pandas(), cfg.window_s)) for p in sorted(writers)]
+    if not partial:
+        return mine_pairs(pd.DataFrame(columns=EVENT_COLUMNS), cfg)
+    return select_pairs(pd.concat(partial, ignore_index=True), cfg)[0]  # sums across buckets
+
+
+# -- splits --------------------------------------------------------------------------------------
+
+
+def _ids(col: pd.Series) -> pa.Array:
+    return pa.array(col).cast(pa.large_string())
+
+
+def _notes(pairs: pd.DataFrame) -> pa.Array:
+    """Distinct note ids of a pair frame, sorted."""
+    ids = pc.unique(pa.chunked_array([_ids(pairs["query_id"]), _ids(pairs["target_id"])],
+                                     pa.large_string()))
+    return ids.take(pc.sort_indices(ids))
+
+
+def _touching(pairs: pd.DataFrame, notes: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(query in notes, target in notes), each (n_pairs,) bool."""
+    return tuple(pc.is_in(_ids(pairs[c]), value_set=notes).to_numpy(zero_copy_only=False)
+                 for c in ("query_id", "target_id"))
+
+
+def assert_no_leak(train: pd.DataFrame, test: pd.DataFrame) -> None:
+    """Raise :class:`DataError` naming a note found in both the train and the test pairs."""
+    train_notes = _notes(train)
+    shared = train_notes.filter(pc.is_in(train_notes, value_set=_notes(test)))
+    if len(shared):
+        raise DataError(f"note {shared[0].as_py()!r} appears in both train and test pairs "
+                        f"({len(shared)} shared note(s)); test notes must be unseen in training")
+
+
+def _hold_out(pairs: pd.DataFrame, share: float, rng: np.random.Generator
+              ) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+    """(rest, held, mixed): a seeded ``share`` of the notes is held out; ``held`` has the pairs
+    with both notes held out, ``rest`` those with neither; ``mixed`` counts the pairs dropped."""
+    notes = _notes(pairs)
+    group = notes.take(pa.array(rng.permutation(len(notes))[:round(share * len(notes))]))
+    in_q, in_t = _touching(pairs, group)
+    held, rest = pairs[in_q & in_t], pairs[~in_q & ~in_t]
+    return rest.reset_index(drop=True), held.reset_index(drop=True), int((in_q != in_t).sum())
+
+
+def _cutoff(t: np.ndarray, cfg: MineConfig) -> pd.Timestamp:
+    if cfg.test_after:
+        cut = pd.Timestamp(cfg.test_after)
+        return cut.tz_localize("UTC") if cut.tz is None else cut.tz_convert("UTC")
+    return pd.Timestamp(int(np.quantile(t, 1.0 - cfg.test_share, method="lower")), tz="UTC")
+
+
+def split_pairs(pairs: pd.DataFrame | None, events: pd.DataFrame, cfg: MineConfig
+                ) -> tuple[dict[str, pd.DataFrame], dict]:
+    """Split mined pairs into train/val/test so that no test note appears in a train pair.
+
+    ``time``: pairs are mined separately from the events before the cut-off (train + val) and
+    from those at or after it (test; ``pairs`` is not used and may be None). Sessions that
+    straddle the cut-off are cut. Train pairs touching a test note are then removed.
+    ``note``: a seeded ``test_share`` of the notes in ``pairs`` are test notes; a pair is test
+    when both its notes are, train when neither is, and dropped when mixed.
+    ``none``: every pair is train; test is empty.
+    Val is then a seeded ``val_share`` of the remaining train pairs: pair-disjoint from train,
+    not note-disjoint — it watches the training loss on unseen pairs; the guarantee that
+    matters, no test note in any train pair, is asserted.
+    Returns ({"train", "val", "test"}: pair frames, split_info with counts of all removals).
+    """
+    if pairs is None and cfg.split != "time":
+        raise ValueError(f"split {cfg.split!r} splits mined pairs; pass them")
+    rng = np.random.default_rng(cfg.seed)
+    info: dict = {"method": cfg.split, "cutoff": None, "removed": {}}
+    empty = pd.DataFrame({"query_id": pd.Series(dtype=str), "target_id": pd.Series(dtype=str),
+                          "score": pd.Series(dtype=np.float64)})
+    if cfg.split == "time":
+        ev = _prepare(events)
+        cut = _cutoff(ev["t"].to_numpy(), cfg)
+        after = ev["t"].to_numpy() >= cut.value
+        train, info["mining_before"] = _mine(ev[~after], cfg)
+        test, info["mining_after"] = _mine(ev[after], cfg)
+        info["cutoff"], info["events"] = cut.isoformat(), {"before": int((~after).sum()),
+                                                           "after": int(after.sum())}
+    elif cfg.split == "note":
+        train, test, info["removed"]["test_mixed"] = _hold_out(pairs, cfg.test_share, rng)
+    else:
+        train, test = pairs, empty
+    in_q, in_t = _touching(train, _notes(test))
+    info["removed"]["train_touching_test"] = int((in_q | in_t).sum())
+    train = train[~(in_q | in_t)].reset_index(drop=True)
+    held = np.zeros(len(train), dtype=bool)
+    held[rng.permutation(len(train))[:round(cfg.val_share * len(train))]] = True
+    train, val = train[~held].reset_index(drop=True), train[held].reset_index(drop=True)
+    splits = {"train": train, "val": val, "test": test.reset_index(drop=True)}
+    assert_no_leak(splits["train"], splits["test"])
+    info["pairs"] = {k: len(v) for k, v in splits.items()}
+    info["notes"] = {k: len(_notes(v)) for k, v in splits.items()}
+    return splits, info
+
+
+# -- step ----------------------------------------------------------------------------------------
+
+
+def _quantiles(scores: pd.Series) -> dict[str, float]:
+    if not len(scores):
+        return {}
+    return {f"q{round(q * 100)}": float(v)
+            for q, v in zip(_QUANTILES, np.quantile(scores, _QUANTILES), strict=True)}
+
+
+def run(events_uri: str, out_dir: str, cfg: MineConfig,
+        notes_ids: Collection[str] | None = None) -> dict:
+    """Mine and split pairs from one events file (Parquet, CSV or JSONL; local or gs://).
+
+    Writes pairs_{train,val,test}.parquet (query_id, target_id, score) and mining.json under
+    ``out_dir``; returns the summary written to mining.json. Events naming a note outside
+    ``notes_ids`` (when given) are dropped and counted.
+    """
+    file = storage.basename(events_uri)
+    ext = file.rsplit(".", 1)[-1] if "." in file else ""
+    if ext not in ("parquet", "csv", "jsonl"):
+        raise DataError(f"{file}: expected an events .parquet, .csv or .jsonl file")
+    events = _read_events(events_uri, ext)
+    log.info("read %d events from %s", len(events), events_uri)
+    n_read, dropped = len(events), 0
+    if notes_ids is not None:
+        known = events["note_id"].isin(list(notes_ids))
+        dropped = int((~known).sum())
+        events = events[known]
+        if dropped:
+            log.warning("%s: dropped %d event(s) naming notes not in the notes tables",
+                        file, dropped)
+    pairs = None if cfg.split == "time" else mine_pairs(events, cfg)
+    splits, info = split_pairs(pairs, events, cfg)
+    for name, frame in splits.items():
+        write_table(frame[PAIR_COLUMNS], storage.join(out_dir, f"pairs_{name}.parquet"))
+    summary = {"events_uri": events_uri, "config": asdict(cfg),
+               "events": {"read": n_read, "dropped_unknown_notes": dropped, "used": len(events)},
+               "split": info, "pairs": info["pairs"],
+               "score_quantiles": {k: _quantiles(v["score"]) for k, v in splits.items()}}
+    storage.write_text(storage.join(out_dir, "mining.json"), json.dumps(summary, indent=2))
+    log.info("mined pairs: %s (notes %s, removed %s)", info["pairs"], info["notes"],
+             info["removed"])
+    return summary
+
+
+def step(canonical_dir: str, out_dir: str, report_dir: str, cfg: MineConfig) -> dict:
+    """The pipeline step: a canonical folder at ``out_dir`` whose train/val pairs are mined from
+    the events of ``canonical_dir`` (mining.json and the raw splits go to ``report_dir``).
+
+    Test pairs the data brings (``test`` and ``test_<slice>``) stay the evaluation set; mined
+    test pairs stand in only when there are none. Train and val pairs touching any evaluated
+    note are then removed, so no test note is trained on. Without events, or with
+    ``use_events`` off, the folder passes through unchanged. Returns what was done.
+    """
+    notes, pairs, manifest = load_canonical(canonical_dir)
+    if not cfg.use_events or manifest.get("events") is None:
+        reason = "mine.use_events is off" if not cfg.use_events else "the data has no events"
+        derive_canonical(canonical_dir, out_dir,
+                         note={"mining": {"status": "skipped", "reason": reason}})
+        log.info("pair mining skipped: %s; the given pairs are used", reason)
+        return {"status": "skipped", "reason": reason}
+    ids = set().union(*(set(df["note_id"]) for df in notes.values()))
+    summary = run(storage.join(canonical_dir, "events.parquet"), report_dir, cfg, notes_ids=ids)
+    mined = {k: read_table(storage.join(report_dir, f"pairs_{k}.parquet"))
+             for k in ("train", "val", "test")}
+    final = {k: v for k, v in pairs.items() if k == "test" or k.startswith("test_")}
+    summary["test_pairs"] = "given" if "test" in final else "mined"
+    final.setdefault("test", mined["test"])
+    evaluated = pa.array(sorted(set().union(*(set(v["query_id"]) | set(v["target_id"])
+                                              for v in final.values()))))
+    for k in ("train", "val"):
+        in_q, in_t = _touching(mined[k], evaluated)
+        summary["split"]["removed"][f"{k}_touching_evaluated"] = int((in_q | in_t).sum())
+        final[k] = mined[k][~(in_q | in_t)].reset_index(drop=True)
+    assert_no_leak(final["train"], final["test"])
+    for k in ("train", "val") if summary["test_pairs"] == "given" else ("train", "val", "test"):
+        final[k] = final[k].assign(_file=f"events.parquet (mined {k} pairs)",
+                                   _row=np.arange(1, len(final[k]) + 1))
+    summary["pairs"] = {k: len(v) for k, v in final.items()}
+    storage.write_text(storage.join(report_dir, "mining.json"), json.dumps(summary, indent=2))
+    derive_canonical(canonical_dir, out_dir, pairs=final,
+                     note={"mining": {"status": "mined", "pairs": summary["pairs"],
+                                      "split": summary["split"]["method"],
+                                      "cutoff": summary["split"]["cutoff"]}})
+    log.info("training pairs mined from events: %s (test pairs %s)", summary["pairs"],
+             summary["test_pairs"])
+    return {"status": "mined", **summary}
