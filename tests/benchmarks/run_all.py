@@ -3,6 +3,7 @@
   exact R@K: counting ranks (ours)      vs  sorting every query's scores (reference style)
   official CSV reader (notes/s)          vs  pandas.read_csv on the same file (no topic parsing)
   tiny-model encode (notes/s, CPU)       length-sorted vs unsorted batches, skewed lengths
+  pair mining from events                 NumPy window search vs a DuckDB range join
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def timeit(fn, repeat: int) -> float:
@@ -132,6 +134,9 @@ def main() -> None:
     rows += bench_ranks(20_000 if args.quick else 100_000, 1000 if args.quick else 2000, repeat)
     rows += bench_reader(20_000 if args.quick else 200_000, repeat)
     rows += bench_encode(256 if args.quick else 1024, repeat)
+    from bench_mine_pairs import bench_mine
+
+    rows += bench_mine(repeat, (20_000, 200_000) if args.quick else (200_000, 2_000_000))
     header = ("benchmark", "ours (median)", "baseline (median)", "ratio", "note")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:
