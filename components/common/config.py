@@ -51,17 +51,82 @@ class TrainConfig:
     pixel_cache_mb: float = 2048.0
     # learning-rate multiplier for the newly initialised parts (connector, fusion, head)
     new_params_lr_mult: float = 1.0
+    # -- DeepSpeed on N processes (components/train/launch.py, worker.py, ds_config.py) --
+    # processes on this node: 0 = one per visible GPU (1 on CPU); >1 runs torchrun
+    nproc: int = 0
+    threads_per_proc: int = 0  # torch threads per CPU process; 0 = cores // nproc
+    zero_stage: int = 2  # 0 (plain data parallel) .. 3 (parameters sharded too)
+    offload: bool = False  # optimizer state (and with stage 3 the parameters) in CPU memory
+    grad_accum: int = 1  # micro-batches per optimizer step; pairs per step = batch_pairs x nproc x this
+    precision: str = "auto"  # "auto" (bf16 on GPUs that have it, fp32 on CPU), "bf16", "fp32"
+    # checkpoints: every n steps and at the end, the last `keep_checkpoints` kept; a restarted
+    # run with the same checkpoint folder resumes from the newest complete one.
+    # "" = <parent of the model output>/checkpoints (a KFP task's own output folder)
+    checkpoint_every: int = 500  # 0: only at the end
+    keep_checkpoints: int = 2
+    checkpoint_dir: str = ""
+    resume: bool = True  # False: delete this folder's checkpoints and start over
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"train.zero_stage must be 0, 1, 2 or 3, not {self.zero_stage}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"train.precision must be auto, bf16 or fp32, not {self.precision!r}")
+        if min(self.grad_accum, self.keep_checkpoints, self.batch_pairs) < 1:
+            raise ValueError("train.grad_accum, train.keep_checkpoints and train.batch_pairs "
+                             "must be at least 1")
+        if min(self.nproc, self.threads_per_proc, self.checkpoint_every) < 0:
+            raise ValueError("train.nproc, train.threads_per_proc and train.checkpoint_every "
+                             "must not be negative")
 
 
 @dataclass(frozen=True)
 class EmbedConfig:
     batch_size: int = 64
     scope: str = "all"  # "all" notes or only the "test" notes
+    # parallel embed tasks (dsl.ParallelFor), each taking a contiguous 1/num_shards of the notes
+    num_shards: int = 1
+
+    def __post_init__(self) -> None:
+        if self.num_shards < 1:
+            raise ValueError(f"embed.num_shards must be at least 1, got {self.num_shards}")
 
 
 @dataclass(frozen=True)
 class IndexConfig:
-    factory: str = "Flat"  # FAISS index factory string, inner product
+    """The FAISS index over the note vectors (``components/index``), inner product on unit vectors.
+    Sizes are counts of vectors; the choices behind the defaults are measured in
+    ``tests/benchmarks/bench_index.py``."""
+
+    # a FAISS index factory string ("Flat", "IVF2048,Flat", "HNSW32", ...) or "auto":
+    # exact "Flat" up to `flat_max` vectors, above it "IVF{nlist},Flat" with nlist the power of
+    # two nearest 2*sqrt(N) (and at most N/39, FAISS's floor of training points per list)
+    factory: str = "auto"
+    flat_max: int = 200_000
+    # lists searched per query; 0 = the smallest on a ladder of +19 % steps (1, 2, 3, ..., 8, 10,
+    # 11, 13, 16, ...) whose leave-one-out recall@recall_k vs exact search on a sample of
+    # collection vectors reaches `target_recall` (HNSW indexes tune efSearch the same way)
+    nprobe: int = 0
+    target_recall: float = 0.95
+    train_sample: int = 0  # vectors the quantiser is trained on; 0 = min(N, max(64*nlist, 65536))
+    add_batch: int = 65_536  # vectors per add() call
+    recall_k: int = 100
+    recall_queries: int = 1_000  # per sample; nprobe is tuned on one, recall reported on another
+    expected_dim: int = 0  # 0 = no check; else a different vector width is an error
+    use_gpu: str = "auto"  # "auto" (all GPUs faiss sees, CPU when none), "never", "always"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.use_gpu not in ("auto", "never", "always"):
+            raise ValueError(f"index.use_gpu must be auto, never or always, not {self.use_gpu!r}")
+        if not 0.0 < self.target_recall <= 1.0:
+            raise ValueError(f"index.target_recall must be in (0, 1], not {self.target_recall}")
+        if min(self.add_batch, self.recall_k, self.recall_queries) < 1:
+            raise ValueError("index.add_batch, index.recall_k and index.recall_queries must be "
+                             "at least 1")
+        if min(self.flat_max, self.nprobe, self.train_sample, self.expected_dim) < 0:
+            raise ValueError("index.flat_max, index.nprobe, index.train_sample and "
+                             "index.expected_dim must not be negative")
 
 
 @dataclass(frozen=True)
@@ -69,6 +134,14 @@ class EvalConfig:
     ks: tuple[int, ...] = (10, 20, 50, 100, 1000, 10000, 100000, 1000000)
     probes: bool = True
     query_chunk: int = 1024
+    # slices short/long query and target by text length (title + content characters) when the
+    # data brings no length slices of its own; threshold 0 = the median over the test notes
+    length_slices: bool = True
+    length_threshold_chars: int = 0
+    # R@K through the built index (what serving returns) for K up to this, beside the exact R@K
+    index_max_k: int = 1000
+    # test pairs whose image-vs-text saliency (model/saliency.py) is summarised; 0 = off
+    saliency_pairs: int = 16
 
 
 @dataclass(frozen=True)

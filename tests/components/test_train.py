@@ -1,3 +1,6 @@
+import json
+import os
+
 import mlflow
 import numpy as np
 import pytest
@@ -64,3 +67,49 @@ def test_every_variant_trains_exports_and_embeds(variant, demo_dir, tmp_path):
     table, vectors = read_vectors(str(tmp_path / "emb" / "notes.parquet"))
     assert vectors.shape == (len(table), 64)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_offloaded_zero2_trains_the_same_weights_as_the_plain_engine(demo_dir, tmp_path):
+    """One process: ZeRO-2 with the optimizer state offloaded to CPU memory and gradient
+    accumulation computes the same update as the plain engine (stage 0) on the same batches."""
+    canon = str(tmp_path / "canon")
+    write_canonical(read_dataset(demo_dir), canon)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    weights = []
+    for name, extra in (("plain", []), ("offload", ["train.zero_stage=2", "train.offload=true"])):
+        cfg = resolve("tiny", ["train.max_steps=3", "train.batch_pairs=4", "train.grad_accum=2",
+                               "model.variant=text_only", *extra])
+        out = str(tmp_path / name / "model")
+        run(canon, out, cfg, tracking_uri=uri, run_id=create_run(uri, "t", name, {}),
+            progress=False)
+        weights.append(NoteLLM2.from_pretrained(out).state_dict())
+        ds = json.loads((tmp_path / name / "model" / "ds_config.json").read_text())
+        assert ds["zero_optimization"]["stage"] == (2 if extra else 0)  # stage 0: one process
+    plain, offload = weights
+    for k, v in plain.items():
+        torch.testing.assert_close(offload[k], v, rtol=0, atol=1e-6)
+
+
+def test_a_rerun_continues_its_own_checkpoints_and_refuses_another_configs(demo_dir, tmp_path):
+    from components.train.run import CheckpointMismatch
+
+    canon, out = str(tmp_path / "canon"), str(tmp_path / "task" / "model")
+    write_canonical(read_dataset(demo_dir), canon)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    base = ["train.max_steps=2", "train.batch_pairs=4", "train.log_every=1",
+            "model.variant=text_only"]
+    first = run(canon, out, resolve("tiny", base), tracking_uri=uri,
+                run_id=create_run(uri, "t", "", {}), progress=False)
+    assert os.listdir(tmp_path / "task" / "checkpoints") == ["step-00000002"]
+    # the same task again (a KFP retry): nothing left to train, the same model and metrics
+    again_id = create_run(uri, "t", "", {})
+    again = run(canon, out, resolve("tiny", base), tracking_uri=uri, run_id=again_id,
+                progress=False)
+    assert not mlflow.MlflowClient(uri).get_metric_history(again_id, "train/loss")
+    assert again == pytest.approx(first)
+    with pytest.raises(CheckpointMismatch, match="train.lr"):
+        run(canon, out, resolve("tiny", [*base, "train.lr=1e-4"]), tracking_uri=uri,
+            run_id=create_run(uri, "t", "", {}), progress=False)
+    run(canon, out, resolve("tiny", [*base, "train.lr=1e-4", "train.resume=false"]),
+        tracking_uri=uri, run_id=create_run(uri, "t", "", {}), progress=False)
+    assert NoteLLM2.from_pretrained(out).config.variant == "text_only"

@@ -1,0 +1,737 @@
+"""One training process: a DeepSpeed engine on one GPU or one group of CPU threads.
+
+``python -m components.train.worker JOB.json`` under torchrun (one per process), or
+:func:`train` in the caller's process for a single one. Every rank loads the data, builds the
+same model, and runs the same engine: ZeRO stage 0-3 with optional CPU offload, bf16 on GPUs and
+fp32 on CPUs, AdamW with warmup + cosine decay, gradient accumulation. The loss gathers the
+embeddings of every rank, so the negatives grow with the number of processes. Rank 0 alone talks
+to MLflow and writes the exported model; every rank writes its share of each checkpoint.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+import traceback
+import warnings
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from components.common import storage, tracking
+from components.common.config import RunConfig
+from components.common.notes import LazyNotes
+from components.train.checkpoint import DS_TAG, STATE, CheckpointStore, default_root
+from components.train.data import (
+    PairBatches,
+    PairOrder,
+    PixelCache,
+    TrainData,
+    make_collate,
+    val_batches,
+)
+from components.train.ds_config import deepspeed_config
+from model import NoteLLM2, build_model
+from model.collator import NoteCollator
+from model.loss import notellm2_loss
+
+log = logging.getLogger(__name__)
+
+# A test aid: seconds to sleep after every optimizer step, so that a test can kill a run
+# between two checkpoints without racing it. Unset in production.
+STEP_DELAY_ENV = "NOTELLM2_TRAIN_STEP_DELAY_S"
+# config keys that do not change what is trained: a checkpoint written under other values of
+# these is still resumed
+OPERATIONAL = {"nproc", "threads_per_proc", "checkpoint_every", "keep_checkpoints",
+               "checkpoint_dir", "resume", "log_every", "val_every", "num_workers",
+               "pixel_cache_mb"}
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The loss turned NaN or inf; nothing was updated with it."""
+
+
+class CheckpointMismatch(RuntimeError):
+    """The checkpoint folder holds another configuration's run."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every process of one training run needs; travels as JSON to the torchrun workers."""
+    canonical_dir: str
+    model_out: str
+    config: dict
+    tracking_uri: str = ""
+    run_id: str = ""
+    progress: bool = False
+    result_dir: str = ""  # where rank 0 leaves result.json and a failing rank its error
+    threads: int = 0  # torch threads per process; 0 = torch's default
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(asdict(self), f)
+
+    @classmethod
+    def load(cls, path: str) -> Job:
+        with open(path) as f:
+            return cls(**json.load(f))
+
+
+def config_from_dict(d: dict) -> RunConfig:
+    """Inverse of ``RunConfig.to_dict`` after a JSON round trip (lists back to tuples)."""
+    base = RunConfig()
+    sections = {}
+    for f in fields(RunConfig):
+        cls = type(getattr(base, f.name))
+        sections[f.name] = cls(**{k: tuple(v) if isinstance(v, list) else v
+                                  for k, v in d[f.name].items()})
+    return RunConfig(**sections)
+
+
+# -- optimisation ------------------------------------------------------------------------------
+
+
+def lr_lambda(total: int, warmup: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def param_groups(model, cfg: RunConfig) -> list[dict]:
+    """The pretrained LLM at ``lr``; the parts that start from scratch (connector, fusion, head,
+    temperature) at ``lr * new_params_lr_mult``; no weight decay on norms, biases, temperature."""
+    t = cfg.train
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        new = not name.startswith(("llm.", "vision."))
+        decay = p.ndim >= 2
+        groups.setdefault((new, decay), []).append(p)
+    return [{"params": ps, "lr": t.lr * (t.new_params_lr_mult if new else 1.0),
+             "weight_decay": t.weight_decay if decay else 0.0}
+            for (new, decay), ps in groups.items()]
+
+
+class Objective(nn.Module):
+    """The engine's module: encodes a batch and returns the loss parts.
+
+    The loss is computed inside ``forward`` so that ZeRO-3 has the temperature gathered while it
+    is used (it is registered as an external parameter of this module)."""
+
+    def __init__(self, model: NoteLLM2):
+        super().__init__()
+        self.model = model
+
+    def forward(self, keys: torch.Tensor, gather: bool = True, **batch) -> dict[str, torch.Tensor]:
+        out = self.model(**batch)
+        cfg = self.model.config
+        losses = notellm2_loss(out, self.model.log_scale, cfg.loss_weight_m, cfg.loss_weight_v,
+                               keys=keys, gather=gather)
+        losses["scale"] = self.model.log_scale.detach().float().exp().sum()
+        return losses
+
+
+# -- process set-up ----------------------------------------------------------------------------
+
+
+def _import_deepspeed(on_gpu: bool):
+    if not on_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
+    import deepspeed
+
+    if not on_gpu:
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce for inference kernels
+        # (~30 s on 2 cores) when it first opens a process group; training uses gloo.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    logging.getLogger("compilers").setLevel(logging.WARNING)  # DeepSpeed's op probe runs gcc
+    # DeepSpeed still calls the torch.distributed names that torch 2.13 renamed
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message=r"`torch\.distributed\.\w+` is deprecated")
+    return deepspeed
+
+
+def ensure_process_group(on_gpu: bool) -> None:
+    """The default process group: torchrun's (``env://``), or a one-process group of our own.
+
+    A one-process group stays for the life of the process: DeepSpeed caches group handles in
+    module globals (``deepspeed.utils.groups``), so a group destroyed and created again would
+    leave it holding a dead one on the next in-process run."""
+    if dist.is_initialized():
+        return
+    kw = ({"backend": "nccl", "device_id": torch.device("cuda", torch.cuda.current_device())}
+          if on_gpu else {"backend": "gloo"})
+    if "MASTER_ADDR" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group(**kw)
+    else:
+        dist.init_process_group(**kw, store=dist.HashStore(), rank=0, world_size=1)
+
+
+@contextmanager
+def single_process_env():
+    """The variables DeepSpeed reads, for a one-process run in the caller's process."""
+    want = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
+    old = {k: os.environ.get(k) for k in want}
+    os.environ.update(want)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _rng_state() -> dict:
+    py = random.getstate()
+    nps = np.random.get_state()
+    state = {"python": [py[0], list(py[1]), py[2]],
+             "numpy": [nps[0], nps[1].tolist(), int(nps[2]), int(nps[3]), float(nps[4])],
+             "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if torch.cuda.is_available():
+        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    v, internal, gauss = state["python"]
+    random.setstate((v, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+    def tensor(b64: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(b64)), dtype=torch.uint8)
+
+    torch.set_rng_state(tensor(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensor(state["cuda"]))
+
+
+def fingerprint(cfg: RunConfig, world: int) -> dict:
+    """What decides the trajectory of a run; a checkpoint resumes only under the same one."""
+    train = {k: v for k, v in asdict(cfg.train).items() if k not in OPERATIONAL}
+    return {"model": asdict(cfg.model), "train": train, "world_size": world}
+
+
+def _json_float(x: float) -> float | str:
+    return x if math.isfinite(x) else str(x)  # "nan", "inf": JSON has no such numbers
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _differences(x, y, f"{prefix}{k}.")
+        elif json.dumps(x) != json.dumps(y):
+            out.append(f"{prefix}{k}: {y!r} there, {x!r} now")
+    return out
+
+
+def _broadcast(obj):
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+
+class Trainer:
+    """State of one rank's run; :meth:`fit` is the loop."""
+
+    def __init__(self, job: Job):
+        self.job = job
+        self.cfg = cfg = config_from_dict(job.config)
+        self.t = t = cfg.train
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.on_gpu = torch.cuda.is_available()
+        self.device = f"cuda:{self.local_rank}" if self.on_gpu else "cpu"
+        self.ds = _import_deepspeed(self.on_gpu)
+
+        self.data = data = TrainData.load(job.canonical_dir)
+        self.bsz = min(t.batch_pairs, len(data.train) // self.world)
+        self.order = PairOrder(len(data.train), max(1, self.bsz), world=self.world,
+                               rank=self.rank, seed=t.seed, multiple=t.grad_accum)
+        self.steps_per_epoch = self.order.per_epoch // t.grad_accum
+        self.total = (t.max_steps if t.max_steps > 0
+                      else max(1, math.ceil(t.epochs * self.steps_per_epoch)))
+        self.ds_config = deepspeed_config(t, micro_batch=self.bsz, world=self.world,
+                                          device=self.device)
+        self.stage = self.ds_config["zero_optimization"]["stage"]
+
+        model = build_model(cfg.model, corpus=data.corpus(), seed=t.seed)
+        self._check_same_vocabulary(model)
+        # DeepSpeed broadcasts parameters as bytes, which fails for a 0-dim tensor: train the
+        # temperature as shape (1,) and give it back its shape at export
+        model.log_scale = nn.Parameter(model.log_scale.detach().reshape(1))
+        self.model = model
+        objective = Objective(model)
+        if self.stage == 3:
+            # ZeRO-3 does not broadcast rank 0's weights: make sure every rank starts from them
+            for p in model.parameters():
+                buf = p.data.to(self.device)  # NCCL sends from the GPU only
+                dist.broadcast(buf, 0)
+                p.data.copy_(buf)
+            self.ds.zero.register_external_parameter(objective, model.log_scale)
+        torch.manual_seed(t.seed + self.rank)  # dropout differs between ranks, not between runs
+
+        opt = torch.optim.AdamW(param_groups(model, cfg), lr=t.lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lr_lambda(self.total, int(t.warmup_ratio * self.total)))
+        t0 = time.perf_counter()
+        self.engine, _, _, self.sched = self.ds.initialize(
+            model=objective, optimizer=opt, lr_scheduler=sched, config=self.ds_config,
+            dist_init_required=False)
+        if self.rank == 0:
+            log.info("DeepSpeed engine (ZeRO %d, %s, %d process(es)) ready in %.2f s",
+                     self.stage, "bf16" if self.ds_config["bf16"]["enabled"] else "fp32",
+                     self.world, time.perf_counter() - t0)
+
+        lazy = LazyNotes(data.notes)
+        collator = NoteCollator(model)
+        cache = (PixelCache(lazy, collator, int(t.pixel_cache_mb * 2**20))
+                 if model.vision is not None else None)
+        self.collate = make_collate(lazy, collator, cache)
+        self.pairs = PairBatches(data.train, data.row_of)
+        # a generator of its own: each new iterator draws a seed from it, which would otherwise
+        # come from the global RNG and shift the dropout masks of a resumed run
+        self.loader = torch.utils.data.DataLoader(
+            self.pairs, batch_sampler=self.order, collate_fn=self.collate,
+            num_workers=t.num_workers, generator=torch.Generator().manual_seed(t.seed))
+        self.val = PairBatches(data.val, data.row_of) if data.val is not None else None
+        self.store = CheckpointStore(default_root(job.model_out, t.checkpoint_dir),
+                                     t.keep_checkpoints)
+        self.fingerprint = fingerprint(cfg, self.world)
+        self.step, self.epoch, self.position = 0, 0, 0
+        self.resumed_metrics: dict[str, float] = {}  # the last checkpoint's, when resumed
+        self.delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
+
+    def _check_same_vocabulary(self, model) -> None:
+        vocab = json.dumps(sorted(model.tokenizer.get_vocab().items())).encode()
+        digests = [None] * dist.get_world_size()
+        dist.all_gather_object(digests, hashlib.sha1(vocab).hexdigest())
+        if len(set(digests)) > 1:
+            raise RuntimeError("the ranks built different tokenizers from the same notes")
+
+    def _peak_rss_mib(self) -> float:
+        """The largest peak resident memory of any rank's process (Linux reports KiB)."""
+        import resource
+
+        peak = torch.tensor(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
+        peak = peak.to(self.device)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        return float(peak)
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def _barrier(self) -> None:
+        dist.barrier()
+
+    def resume(self) -> int | None:
+        """Load the newest complete checkpoint, if any; returns its step."""
+        t = self.t
+        latest = None
+        if self.rank == 0:
+            if t.resume:
+                latest = self.store.latest()
+            else:
+                self.store.clear()
+        latest = _broadcast(latest)
+        if latest is None:
+            return None
+        state = self.store.read_state(latest)
+        diff = _differences(self.fingerprint, state["fingerprint"])
+        if diff:
+            raise CheckpointMismatch(
+                f"the checkpoints in {self.store.root} were written by another configuration "
+                f"({'; '.join(diff[:8])}). Point train.checkpoint_dir elsewhere, delete them, "
+                "or set train.resume=false to start over")
+        path = self.store.local_copy(latest, download=self.local_rank == 0)
+        self._barrier()
+        self.engine.load_checkpoint(path, tag=DS_TAG, load_optimizer_states=True,
+                                    load_lr_scheduler_states=True)
+        with open(os.path.join(path, f"rng-rank-{self.rank:05d}.json")) as f:
+            _set_rng_state(json.load(f))
+        self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+        self.resumed_metrics = state["metrics"]
+        log.info("rank %d resumed from %s at step %d (epoch %d, micro-batch %d)", self.rank,
+                 self.store.path(latest), self.step, self.epoch, self.position)
+        return latest
+
+    def save(self, metrics: dict[str, float]) -> str:
+        """Every rank writes its share; rank 0 publishes the folder once all have."""
+        step, first_of_node = self.step, self.local_rank == 0
+        if first_of_node:
+            self.store.prepare(step)
+        self._barrier()
+        tmp = self.store.staging(step)
+        self.engine.save_checkpoint(tmp, tag=DS_TAG, save_latest=False)
+        with open(os.path.join(tmp, f"rng-rank-{self.rank:05d}.json"), "w") as f:
+            json.dump(_rng_state(), f)
+        if self.rank == 0:
+            epoch, position = self.epoch, self.position
+            if position >= self.order.per_epoch:
+                epoch, position = epoch + 1, 0
+            state = {"step": step, "epoch": epoch, "position": position, "total": self.total,
+                     "lr": self.sched.get_last_lr()[0], "metrics": metrics,
+                     "fingerprint": self.fingerprint, "ds_config": self.ds_config}
+            with open(os.path.join(tmp, STATE), "w") as f:
+                json.dump(state, f, indent=1)
+        self._barrier()
+        if first_of_node:
+            self.store.upload(step)
+        self._barrier()
+        path = self.store.path(step)
+        if self.rank == 0:
+            path = self.store.publish(step, {"world_size": self.world})
+            removed = self.store.prune()
+            log.info("checkpoint %s%s", path, f" (removed {', '.join(removed)})" if removed else "")
+        self._barrier()
+        return path
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    @torch.no_grad()
+    def validation_loss(self) -> dict[str, float]:
+        """Mean in-batch loss over the held-out pairs (no cross-rank negatives, so the figure
+        does not depend on the number of processes); the batches are spread over the ranks."""
+        batches = val_batches(len(self.val), max(1, min(self.bsz, len(self.val))))
+        self.engine.eval()
+        sums: dict[str, torch.Tensor] = {}
+        for r in range(math.ceil(len(batches) / self.world)):
+            i = r * self.world + self.rank
+            # ranks without a batch in the last round run one with weight 0: under ZeRO-3
+            # every rank must take part in every forward pass
+            weight = 1.0 if i < len(batches) else 0.0
+            batch = self.collate([self.val[j] for j in batches[i if weight else 0]])
+            keys = batch.pop("keys").to(self.device)
+            losses = self.engine(keys=keys, gather=False, **self._to_device(batch))
+            for k, v in losses.items():
+                if k != "scale":
+                    sums[k] = sums.get(k, 0.0) + weight * v.detach().float()
+        self.engine.train()
+        names = sorted(sums)
+        total = torch.stack([sums[k] for k in names])
+        dist.all_reduce(total)
+        return {f"val/{k}": float(v) / len(batches) for k, v in zip(names, total, strict=True)}
+
+    def _nonfinite(self, keys: torch.Tensor, losses: dict, micro: int) -> None:
+        """Every rank got here together: write the diagnostic (rank 0) and stop everyone."""
+        mine = {"rank": self.rank, "note_ids": self.data.note_ids(keys.tolist()),
+                "loss": {k: _json_float(float(v)) for k, v in losses.items()}}
+        everyone = [None] * self.world
+        dist.all_gather_object(everyone, mine)
+        last = self.store.latest() if self.rank == 0 else None
+        where = self.store.diagnostic(self.step + 1)
+        if self.rank == 0:
+            storage.write_text(where, json.dumps({
+                "step": self.step + 1, "micro_batch": micro, "epoch": self.epoch,
+                "lr": self.sched.get_last_lr()[0], "ranks": everyone,
+                "last_complete_checkpoint": self.store.path(last) if last is not None else None,
+            }, indent=1, default=str))
+        last = _broadcast(last)
+        raise NonFiniteLoss(
+            f"non-finite loss at step {self.step + 1} (micro-batch {micro}); nothing was updated "
+            f"with it. Batch note ids and loss parts: {where}; last complete checkpoint: "
+            f"{self.store.path(last) if last is not None else 'none'}")
+
+    def fit(self) -> dict[str, float]:
+        t, rank = self.t, self.rank
+        ga = t.grad_accum
+        pairs_per_step = self.bsz * self.world * ga
+        history: dict[str, float] = {}
+        window = {"time": 0.0, "steps": 0, "tokens": 0.0}
+        sums = torch.zeros(4, dtype=torch.float64)
+        saved_at = self.step if self.step > 0 else -1
+        bar = tqdm(total=self.total, initial=self.step, desc="train", unit="step",
+                   disable=not (self.job.progress and rank == 0))
+        micro = 0
+        while self.step < self.total:
+            self.order.set_epoch(self.epoch, self.position)
+            t0 = time.perf_counter()
+            for batch in self.loader:
+                keys = batch.pop("keys")
+                tokens = float(batch["attention_mask"].sum())
+                losses = self.engine(keys=keys.to(self.device), **self._to_device(batch))
+                has_v = "loss_v" in losses
+                stats = torch.stack([losses["loss"].detach().double().cpu(),
+                                     losses["loss_m"].detach().double().cpu(),
+                                     losses["loss_v"].detach().double().cpu() if has_v
+                                     else torch.zeros((), dtype=torch.float64),
+                                     torch.tensor(tokens, dtype=torch.float64)])
+                # one small all-reduce tells every rank whether any loss went bad, before
+                # anything is updated with it
+                stats_dev = stats.to(self.device)
+                dist.all_reduce(stats_dev)
+                stats = stats_dev.cpu()
+                if not torch.isfinite(stats).all():
+                    self._nonfinite(keys, losses, micro % ga)
+                self.engine.backward(losses["loss"])
+                self.engine.step()
+                sums += stats
+                window["tokens"] += float(stats[3])
+                micro += 1
+                self.position += 1
+                if micro % ga:
+                    continue
+                self.step += 1
+                window["time"] += time.perf_counter() - t0
+                window["steps"] += 1
+                bar.update(1)
+                if self.delay:
+                    time.sleep(self.delay)
+                if self.step % t.log_every == 0 or self.step == self.total:
+                    n = micro * self.world
+                    row = {"loss": float(sums[0]) / n, "loss_m": float(sums[1]) / n}
+                    if has_v:
+                        row["loss_v"] = float(sums[2]) / n
+                    row |= {"scale": float(losses["scale"]), "lr": self.sched.get_last_lr()[0],
+                            "pairs_per_s": window["steps"] * pairs_per_step / window["time"],
+                            "tokens_per_s": window["tokens"] / window["time"],
+                            "epoch": self.epoch + 1}
+                    if self.on_gpu:
+                        row["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                    row["peak_rss_mib"] = self._peak_rss_mib()
+                    history |= row
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
+                    if rank == 0:
+                        tracking.log_metrics({f"train/{k}": v for k, v in row.items()},
+                                             step=self.step)
+                    sums.zero_()
+                    micro = 0
+                    window = {"time": 0.0, "steps": 0, "tokens": 0.0}
+                if self.val is not None and (self.step % t.val_every == 0
+                                             or self.step == self.total):
+                    vl = self.validation_loss()
+                    history |= vl
+                    if rank == 0:
+                        tracking.log_metrics(vl, step=self.step)
+                if (t.checkpoint_every and self.step % t.checkpoint_every == 0) \
+                        or self.step == self.total:
+                    self.save(history)
+                    saved_at = self.step
+                if self.step >= self.total:
+                    break
+                t0 = time.perf_counter()
+            else:
+                self.epoch, self.position = self.epoch + 1, 0
+        bar.close()
+        if saved_at != self.step:
+            self.save(history)
+        return history
+
+    # -- export ------------------------------------------------------------------------------
+
+    def export(self) -> None:
+        """The trained model in ``save_pretrained`` format, written by rank 0.
+
+        The weights are those the engine computed with (fp32 on CPU, bf16 on GPU); under ZeRO-3
+        each parameter is gathered from its shards in turn, so no rank holds the whole model on
+        its device at once."""
+        module = self.engine.module.model
+        stage3 = self.stage == 3
+        state: dict[str, torch.Tensor] = {}
+        for name, tensor in module.state_dict(keep_vars=True).items():
+            with self.ds.zero.GatheredParameters([tensor], enabled=stage3 and hasattr(tensor, "ds_id")):
+                if self.rank == 0:
+                    state[name] = tensor.detach().to("cpu", copy=True)
+        if self.rank == 0:
+            state["log_scale"] = state["log_scale"].reshape(())
+            export_state(module, state, self.job.model_out)
+            with open(os.path.join(self.job.model_out, "ds_config.json"), "w") as f:
+                json.dump(self.ds_config, f, indent=2)
+        self._barrier()
+
+
+def export_state(module: NoteLLM2, state: dict[str, torch.Tensor], path: str) -> None:
+    """``save_pretrained`` of a model shaped like ``module`` holding ``state``: the skeleton is
+    built on the meta device and takes the tensors as they are (no second copy of the weights)."""
+    from transformers import AutoModel
+
+    trust = module.config.trust_remote_code
+    with torch.device("meta"):
+        llm = AutoModel.from_config(module.llm.config, trust_remote_code=trust)
+        vision = (AutoModel.from_config(module.vision.config)
+                  if module.vision is not None else None)
+        skeleton = NoteLLM2(module.config, llm, vision, module.tokenizer, module.image_processor)
+    skeleton.load_state_dict(state, strict=True, assign=True)
+    skeleton.save_pretrained(path)
+
+
+def train(job: Job) -> dict[str, float]:
+    """Run this process's share of the training job; rank 0 returns the final metrics."""
+    if job.threads > 0:
+        torch.set_num_threads(job.threads)
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    ensure_process_group(on_gpu)
+    trainer = Trainer(job)
+    rank = trainer.rank
+    track = (tracking.pipeline_run(job.tracking_uri, job.run_id) if rank == 0
+             else nullcontext())
+    with track:
+        if rank == 0:
+            _log_run_params(trainer)
+        resumed = trainer.resume()
+        history = trainer.fit()
+        trainer.export()
+        # an attempt that resumed at the end trains nothing: the checkpoint's metrics stand
+        final = trainer.resumed_metrics | history
+        if rank == 0:
+            final |= _final_metrics(job.run_id)
+            _log_curve(job.run_id)
+            log.info("trained %d steps on %d pairs x %d process(es)%s: %s", trainer.total,
+                     len(trainer.data.train), trainer.world,
+                     f", resumed at step {resumed}" if resumed is not None else "",
+                     {k: round(v, 4) for k, v in final.items()})
+    return final
+
+
+def _log_run_params(trainer: Trainer) -> None:
+    import mlflow
+
+    params = {k: str(v)[:500] for k, v in trainer.cfg.flat().items()}
+    params |= {"train.total_steps": trainer.total, "train.pairs": len(trainer.data.train),
+               "train.world_size": trainer.world, "train.micro_batch_pairs": trainer.bsz,
+               "model.parameters": sum(p.numel() for p in trainer.model.parameters())}
+    try:
+        mlflow.log_params(params)
+    except mlflow.exceptions.MlflowException as e:
+        # a resumed run may differ in an operational key (e.g. train.checkpoint_every)
+        log.warning("MLflow kept the parameters of the earlier attempt: %s", e)
+    mlflow.log_dict(trainer.ds_config, "training/ds_config.json")
+
+
+def _final_metrics(run_id: str) -> dict[str, float]:
+    """The latest value of every train/ and val/ metric of the run, across restarts."""
+    import mlflow
+
+    metrics = mlflow.MlflowClient().get_run(run_id or mlflow.active_run().info.run_id).data.metrics
+    return {k.removeprefix("train/"): v for k, v in metrics.items()
+            if k.startswith(("train/", "val/"))}
+
+
+def _log_curve(run_id: str) -> None:
+    """A loss-curve picture in the run's artifacts, from the run's whole metric history (so a
+    resumed run draws the steps of its earlier attempts too)."""
+    import tempfile
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    run_id = run_id or mlflow.active_run().info.run_id
+    curves = {label: sorted({m.step: m.value
+                             for m in client.get_metric_history(run_id, key)}.items())
+              for key, label in (("train/loss", "train loss"), ("train/loss_m", "L_m"),
+                                 ("train/loss_v", "L_v"), ("val/loss", "validation loss"))}
+    if not any(curves.values()):  # nothing logged in this run (it resumed at the end)
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, pts in curves.items():
+        if pts:
+            xs, ys = np.array(pts).T
+            ax.plot(xs, ys, label=label, marker="o" if label.startswith("val") else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("InfoNCE")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "loss_curve.png")
+        fig.savefig(path, dpi=100)
+        mlflow.log_artifact(path, artifact_path="training")
+    plt.close(fig)
+
+
+def _die_with_parent() -> None:
+    """torchrun starts each worker in a session of its own, so killing the launcher's process
+    group (a pod's container, a test's SIGKILL) would leave the workers training on. Ask Linux
+    to kill this process when its parent, torchrun's agent, dies."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the request was in place
+        os._exit(1)
+
+
+def _job_from_args(argv: list[str]) -> Job:
+    """``JOB.json`` (what :func:`components.train.launch.torchrun` writes), or flags, for a
+    launcher of our own (e.g. torchrun on each node of a Kubeflow Trainer ``TrainJob``)."""
+    import argparse
+
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return Job.load(argv[0])
+    from components.common.config import DEFAULT_PRESET, resolve
+
+    ap = argparse.ArgumentParser(prog="python -m components.train.worker")
+    ap.add_argument("--canonical", required=True)
+    ap.add_argument("--model-out", required=True)
+    ap.add_argument("--preset", default=DEFAULT_PRESET)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--tracking-uri", default="")
+    ap.add_argument("--run-id", default="")
+    a = ap.parse_args(argv)
+    cfg = resolve(a.preset, a.set)
+    return Job(a.canonical, a.model_out, cfg.to_dict(), a.tracking_uri, a.run_id,
+               threads=cfg.train.threads_per_proc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """torchrun entry: ``python -m components.train.worker JOB.json`` (or flags, see
+    :func:`_job_from_args`)."""
+    from components.common import logs
+
+    _die_with_parent()
+    job = _job_from_args(sys.argv[1:] if argv is None else argv)
+    logs.setup()
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        with single_process_env() if "LOCAL_RANK" not in os.environ else nullcontext():
+            final = train(job)
+    except BaseException as e:
+        if job.result_dir:
+            with open(os.path.join(job.result_dir, f"error-rank-{rank:05d}.json"), "w") as f:
+                json.dump({"rank": rank, "type": type(e).__name__, "message": str(e),
+                           "time": time.time(), "traceback": traceback.format_exc()}, f)
+        raise
+    if rank == 0 and job.result_dir:
+        with open(os.path.join(job.result_dir, "result.json"), "w") as f:
+            json.dump(final, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
