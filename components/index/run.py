@@ -1,68 +1,376 @@
-"""index: a FAISS index over the note vectors (inner product on unit vectors), with its id map
-and a recall check against exact search."""
+"""index: a FAISS index over the note vectors (inner product on unit vectors), its id map, and
+its recall@K measured against exact search.
+
+Writes to the output folder
+
+  index.faiss   a CPU index (an index built on GPUs is copied back before writing)
+  ids.parquet   note_id, position: the index's ids are row positions
+  index.json    factory, size, parameters, timings, bytes per vector, recall@K vs exact search
+
+and :func:`load_index` reads them back with the recorded search parameters applied.
+
+The factory string comes from ``IndexConfig.factory``; ``"auto"`` is exact ``Flat`` up to
+``flat_max`` vectors and ``IVF{nlist},Flat`` above, nlist the power of two nearest 2·√N. The
+number of lists searched (``nprobe``; ``efSearch`` for HNSW) is, unless fixed in the config, the
+smallest on a ladder whose recall@K vs exact search, on a sample of collection vectors used as
+queries, reaches ``target_recall``; the recall stored is then measured on a second, disjoint
+sample, so it is not the number the ladder stopped at. ``tests/benchmarks/bench_index.py`` holds
+the measurements behind these choices.
+
+Vectors must already be unit length (the embed step normalises them), so that inner product is
+the cosine that exact search over the same embeddings uses. Vectors off by more than 1e-3 are an
+error, not renormalised here: a quietly renormalised index would rank differently from exact
+search over the embeddings it claims to index.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
-import tempfile
+import time
 
 import numpy as np
+import pandas as pd
 
 from components.common import storage
 from components.common.config import IndexConfig
-from components.common.readers import write_table
+from components.common.readers import read_table, write_table
 from components.embed.run import read_vectors
 
 log = logging.getLogger(__name__)
 
+NORM_TOL = 1e-3
+# quarter-octave steps (+19 % each): the chosen value costs at most ~19 % more than needed
+LADDER = tuple(sorted({round(2 ** (j / 4)) for j in range(0, 4 * 16 + 1)}))  # 1 .. 65536
+_SCORE_EPS = 1e-5  # an index's neighbour scoring within this of the K-th exact score is a hit
 
-def build(vectors: np.ndarray, factory: str):
+
+# -- choosing the index ---------------------------------------------------------------------
+
+def auto_nlist(n: int) -> int:
+    """Lists of the auto IVF index: the power of two nearest 2·√n, with at least 39 vectors per
+    list (FAISS's k-means warns below that)."""
+    nlist = 2 ** round(math.log2(max(1.0, 2 * math.sqrt(n))))
+    while nlist > 1 and n < 39 * nlist:
+        nlist //= 2
+    return nlist
+
+
+def resolve_factory(factory: str, n: int, flat_max: int) -> str:
+    if factory.strip().lower() != "auto":
+        return factory.strip()
+    return "Flat" if n <= flat_max else f"IVF{auto_nlist(n)},Flat"
+
+
+def train_size(cfg: IndexConfig, n: int, nlist: int) -> int:
+    """Vectors to train on: ``cfg.train_sample`` or, when 0, 64 per list (at 1M vectors, 64 and
+    39 per list gave the same recall; FAISS itself would subsample to 256 per list) and at least
+    65536 (PQ codebooks train 256 centroids per sub-quantiser)."""
+    want = cfg.train_sample or max(64 * nlist, 65_536)
+    return min(n, want)
+
+
+# -- devices -----------------------------------------------------------------------------------
+
+def visible_gpus() -> int:
+    """GPUs FAISS can use: 0 with faiss-cpu, which has no GPU code."""
     import faiss
 
-    d = vectors.shape[1]
-    index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
-    if not index.is_trained:
-        index.train(vectors)
-    index.add(vectors)
-    return index
+    get = getattr(faiss, "get_num_gpus", None)
+    return int(get()) if get is not None else 0
 
 
-def recall_vs_exact(index, vectors: np.ndarray, k: int = 10, queries: int = 200,
-                    seed: int = 0) -> float:
-    """Share of the exact top-k (IndexFlatIP) that the index returns, on sampled queries."""
+def gpus_to_use(use_gpu: str) -> int:
+    if use_gpu == "never":
+        return 0
+    n = visible_gpus()
+    if use_gpu == "always" and n == 0:
+        raise RuntimeError("index.use_gpu=always but FAISS sees no GPU (faiss-cpu installed, or "
+                           "no CUDA device visible); set index.use_gpu=auto to build on the CPU")
+    return n
+
+
+def _to_gpus(index, use_gpu: str):
+    """(index on all visible GPUs as replicas, or the CPU index when it cannot go there; GPUs)."""
     import faiss
 
-    if len(vectors) == 0:
-        return 1.0
-    rng = np.random.default_rng(seed)
-    q = vectors[rng.choice(len(vectors), size=min(queries, len(vectors)), replace=False)]
-    k = min(k, len(vectors))
-    exact = faiss.IndexFlatIP(vectors.shape[1])
-    exact.add(vectors)
-    _, truth = exact.search(q, k)
-    _, got = index.search(q, k)
-    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(truth, got, strict=True)]))
+    try:
+        return faiss.index_cpu_to_all_gpus(index), visible_gpus()
+    except (RuntimeError, AttributeError) as e:  # e.g. HNSW has no GPU implementation
+        if use_gpu == "always":
+            raise RuntimeError(f"index.use_gpu=always but this index cannot go to the GPU: {e}") \
+                from None
+        log.warning("index stays on the CPU: FAISS cannot put it on the GPU (%s)", e)
+        return index, 0
 
 
-def run(embeddings_dir: str, out_dir: str, cfg: IndexConfig) -> dict:
-    import faiss
+# -- checks --------------------------------------------------------------------------------
 
-    table, vectors = read_vectors(storage.join(embeddings_dir, "notes.parquet"))
-    dup = table["note_id"][table["note_id"].duplicated()]
+def check_vectors(ids: pd.Series, vectors: np.ndarray, expected_dim: int = 0) -> None:
+    """Errors, each naming what is wrong: dimension, duplicate ids, non-finite or non-unit rows."""
+    if vectors.ndim != 2:
+        raise ValueError(f"vectors must be an (N, d) matrix, got shape {vectors.shape}")
+    n, d = vectors.shape
+    if len(ids) != n:
+        raise ValueError(f"{len(ids)} note ids for {n} vectors")
+    if n == 0:
+        raise ValueError("no vectors to index")
+    if expected_dim and d != expected_dim:
+        raise ValueError(f"dimension mismatch: the vectors are {d}-dimensional but "
+                         f"index.expected_dim is {expected_dim}")
+    dup = pd.unique(ids[ids.duplicated()])
     if len(dup):
-        raise ValueError(f"duplicate note id(s) in the embeddings: {', '.join(dup[:5])}")
-    index = build(np.ascontiguousarray(vectors), cfg.factory)
-    recall = recall_vs_exact(index, vectors)
-    meta = {"factory": cfg.factory, "metric": "inner_product", "dim": int(vectors.shape[1]),
-            "ntotal": int(index.ntotal), "recall@10_vs_exact": recall}
-    with tempfile.TemporaryDirectory() as tmp:
-        faiss.write_index(index, os.path.join(tmp, "index.faiss"))
-        with open(os.path.join(tmp, "index.faiss"), "rb") as f:
-            storage.write_bytes(storage.join(out_dir, "index.faiss"), f.read())
-    write_table(table[["note_id"]].assign(position=np.arange(len(table))),
+        raise ValueError(f"duplicate note id(s) in the embeddings ({len(dup)}): "
+                         + ", ".join(map(str, dup[:5])) + (", ..." if len(dup) > 5 else ""))
+    norms = np.linalg.norm(vectors, axis=1)  # (N,)
+    bad = ~(np.abs(norms - 1.0) <= NORM_TOL)  # NaN counts as bad
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"{int(bad.sum())} of {n} vectors are not unit length (|norm - 1| > {NORM_TOL}), "
+            f"e.g. note {ids.iloc[first]} has norm {norms[first]:.4g}; inner product is cosine "
+            "only on unit vectors: normalise them in the embed step")
+
+
+def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores (q, k), positions (q, k); -1 where fewer than k were found). Checks the width."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if queries.ndim != 2 or queries.shape[1] != index.d:
+        raise ValueError(f"dimension mismatch: the queries are "
+                         f"{queries.shape[-1] if queries.ndim else 0}-dimensional but the index "
+                         f"holds {index.d}-dimensional vectors")
+    return index.search(queries, k)
+
+
+# -- recall against exact search ------------------------------------------------------------
+
+def exact_topk(vectors: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k of the collection rows ``rows`` against the whole collection."""
+    import faiss
+
+    return faiss.knn(vectors[rows], vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
+
+
+def recall_vs_exact(found: np.ndarray, vectors: np.ndarray, rows: np.ndarray,
+                    truth_scores: np.ndarray, truth_ids: np.ndarray, k: int) -> float:
+    """Leave-one-out recall@k of an index for collection rows used as queries.
+
+    found (q, k+1) index results for ``vectors[rows]``; truth_* (q, k+1) exact results. The query
+    itself is left out of both lists (it is always found, and would lift recall by ~1/k). A found
+    neighbour is a hit when its exact score reaches the k-th exact score: ties between identical
+    notes then do not count as misses.
+    """
+    q = vectors[rows]  # (q, d)
+    self_early = (truth_ids[:, :k] == rows[:, None]).any(axis=1)  # (q,) self in the exact top-k
+    kth = np.where(self_early, truth_scores[:, k], truth_scores[:, k - 1])  # (q,)
+    hits = 0
+    for i in range(len(rows)):
+        f = found[i][(found[i] >= 0) & (found[i] != rows[i])][:k]  # (<=k,)
+        scores = vectors[f] @ q[i]  # (<=k,)
+        hits += int(np.sum(scores >= kth[i] - _SCORE_EPS))
+    return hits / (k * len(rows))
+
+
+class _RecallProbe:
+    """Exact neighbours of sampled collection rows, computed once, to score index settings."""
+
+    def __init__(self, vectors: np.ndarray, rows: np.ndarray, k: int):
+        self.vectors, self.rows, self.k = vectors, rows, k
+        self.scores, self.ids = exact_topk(vectors, rows, k + 1)
+
+    def recall(self, index) -> float:
+        _, found = search(index, self.vectors[self.rows], self.k + 1)
+        return recall_vs_exact(found, self.vectors, self.rows, self.scores, self.ids, self.k)
+
+
+def _search_knob(cpu_index) -> tuple[str | None, dict]:
+    """(the search-time parameter that trades speed for recall, the build parameters)."""
+    import faiss
+
+    ivf = faiss.try_extract_index_ivf(cpu_index)
+    if ivf is not None:
+        return "nprobe", {"nlist": int(ivf.nlist)}
+    inner = faiss.downcast_index(cpu_index)
+    if isinstance(inner, faiss.IndexPreTransform):
+        inner = faiss.downcast_index(inner.index)
+    if isinstance(inner, faiss.IndexHNSW):
+        return "efSearch", {"M": int(inner.hnsw.nb_neighbors(1)),
+                            "efConstruction": int(inner.hnsw.efConstruction)}
+    return None, {}
+
+
+def set_search_params(index, params: dict) -> None:
+    import faiss
+
+    space = faiss.ParameterSpace()
+    if "Gpu" in type(index).__name__ or isinstance(index, faiss.IndexReplicas):
+        space = faiss.GpuParameterSpace()
+    for name, value in params.items():
+        space.set_index_parameter(index, name, value)
+
+
+def tune(index, probe: _RecallProbe, knob: str, target: float, *, upper: int,
+         lower: int = 1) -> tuple[int, list[dict]]:
+    """The smallest ``knob`` value on :data:`LADDER` (within [lower, upper], upper always tried)
+    whose recall reaches ``target``; and the recall of each value tried."""
+    curve = []
+    values = sorted({lower, *(v for v in LADDER if lower < v < upper)}) + [upper]
+    for v in values:
+        set_search_params(index, {knob: v})
+        r = probe.recall(index)
+        curve.append({knob: v, "recall": round(r, 5)})
+        if r >= target:
+            return v, curve
+    log.warning("recall target %.3f not reached: %s=%d gives %.4f", target, knob, values[-1],
+                curve[-1]["recall"])
+    return values[-1], curve
+
+
+# -- building ----------------------------------------------------------------------------------
+
+def _train(cpu, vectors: np.ndarray, size: int, ngpu: int, rng: np.random.Generator) -> None:
+    """Train on ``size`` sampled rows; an IVF's k-means runs on the GPUs when there are any."""
+    import faiss
+
+    n, d = vectors.shape
+    sample = vectors if size >= n else vectors[np.sort(rng.choice(n, size, replace=False))]
+    ivf = faiss.try_extract_index_ivf(cpu)
+    clustering = None
+    if ngpu and ivf is not None:
+        # L2 assignment to unit centroids is inner-product assignment for unit vectors. Held in
+        # a local as well: SWIG does not keep the Python object alive.
+        clustering = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(d))
+        ivf.clustering_index = clustering
+    cpu.train(sample)
+    if clustering is not None:
+        ivf.clustering_index = None  # the GPU copies go with `clustering`
+
+
+def _tune_and_check(index, vectors: np.ndarray, cfg: IndexConfig, knob: str | None,
+                    params: dict, ngpu: int, rng: np.random.Generator):
+    """(search params, tuning curve, recall@k on the check sample, k, check queries).
+
+    Leave-one-out queries from the collection: one sample tunes ``knob``, a disjoint one gives
+    the recall reported."""
+    n = len(vectors)
+    k = min(cfg.recall_k, n - 1)
+    if k < 1:
+        return {}, [], 1.0, 0, 0
+    tuned = knob is not None and not (knob == "nprobe" and cfg.nprobe)
+    per = min(cfg.recall_queries, n // 2 if tuned else n)
+    rows = rng.choice(n, size=per * (2 if tuned else 1), replace=False)
+    search_params: dict = {}
+    curve: list[dict] = []
+    if tuned:
+        lower = k if knob == "efSearch" else 1  # HNSW searches max(efSearch, k) anyway
+        upper = params["nlist"] if knob == "nprobe" else 4096
+        upper = max(lower, min(upper, 2048) if ngpu else upper)  # GPU IVF: at most 2048 lists
+        value, curve = tune(index, _RecallProbe(vectors, rows[:per], k), knob,
+                            cfg.target_recall, upper=upper, lower=lower)
+        search_params = {knob: value}
+    elif knob == "nprobe":
+        search_params = {"nprobe": min(cfg.nprobe, params["nlist"])}
+    set_search_params(index, search_params)
+    return search_params, curve, _RecallProbe(vectors, rows[-per:], k).recall(index), k, per
+
+
+def build_index(vectors: np.ndarray, cfg: IndexConfig, *, progress: bool = True):
+    """(CPU index with its search parameters set, metadata) for unit ``vectors`` (N, d)."""
+    import faiss
+    from tqdm.auto import tqdm
+
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    n, d = vectors.shape
+    factory = resolve_factory(cfg.factory, n, cfg.flat_max)
+    rng = np.random.default_rng(cfg.seed)
+    ngpu = gpus_to_use(cfg.use_gpu)
+    cpu = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    knob, params = _search_knob(cpu)
+
+    t0 = time.perf_counter()
+    trained_on = 0 if cpu.is_trained else train_size(cfg, n, params.get("nlist", 1))
+    if trained_on:
+        _train(cpu, vectors, trained_on, ngpu, rng)
+    train_s = time.perf_counter() - t0
+
+    index, ngpu = _to_gpus(cpu, cfg.use_gpu) if ngpu else (cpu, 0)
+    t0 = time.perf_counter()
+    with tqdm(total=n, desc="index add", unit="vec", unit_scale=True, disable=not progress) as bar:
+        for s in range(0, n, cfg.add_batch):
+            index.add(vectors[s:s + cfg.add_batch])
+            bar.update(min(cfg.add_batch, n - s))
+    add_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    search_params, curve, recall, k, nq = _tune_and_check(index, vectors, cfg, knob, params,
+                                                          ngpu, rng)
+    check_s = time.perf_counter() - t0
+    if ngpu:
+        index = faiss.index_gpu_to_cpu(index)
+        set_search_params(index, search_params)
+    meta = {
+        "factory": factory, "factory_config": cfg.factory, "metric": "inner_product", "dim": d,
+        "ntotal": int(index.ntotal), **params, "search_params": search_params,
+        "target_recall": cfg.target_recall if curve else None, "tuning": curve,
+        "train_sample": trained_on, "train_seconds": round(train_s, 3),
+        "add_seconds": round(add_s, 3), "build_seconds": round(train_s + add_s, 3),
+        "recall_check_seconds": round(check_s, 3),
+        "recall": round(recall, 5), "recall_k": k, "recall_queries": nq,
+        "recall_method": "leave-one-out collection vectors as queries vs exact inner product; "
+                         "nprobe/efSearch tuned on a disjoint sample",
+        "device": "gpu" if ngpu else "cpu", "gpus": ngpu, "faiss_version": faiss.__version__,
+    }
+    return index, meta
+
+
+# -- files -----------------------------------------------------------------------------------
+
+def save_index(index, note_ids: list[str], meta: dict, out_dir: str) -> dict:
+    """Write index.faiss, ids.parquet and index.json; returns meta with the sizes added."""
+    import faiss
+
+    path = storage.join(out_dir, "index.faiss")
+    if storage.is_gcs(path):
+        blob = faiss.serialize_index(index)  # (bytes,) uint8
+        size = int(blob.size)
+        storage.write_bytes(path, blob.tobytes())
+    else:  # straight to disk: no second copy of a large index in memory
+        os.makedirs(out_dir, exist_ok=True)
+        faiss.write_index(index, path)
+        size = os.path.getsize(path)
+    meta = {**meta, "index_bytes": size, "bytes_per_vector": round(size / max(1, index.ntotal), 2)}
+    write_table(pd.DataFrame({"note_id": note_ids, "position": np.arange(len(note_ids))}),
                 storage.join(out_dir, "ids.parquet"))
     storage.write_text(storage.join(out_dir, "index.json"), json.dumps(meta, indent=2))
-    log.info("index %s over %d vectors, recall@10 vs exact %.3f", cfg.factory, index.ntotal, recall)
+    return meta
+
+
+def load_index(index_dir: str):
+    """(CPU index with the recorded search parameters applied, note ids by position, metadata).
+
+    Search it with :func:`search`; position i of the results is ``ids[i]``."""
+    import faiss
+
+    meta = json.loads(storage.read_text(storage.join(index_dir, "index.json")))
+    with storage.local_copy(storage.join(index_dir, "index.faiss")) as local:
+        index = faiss.read_index(local)
+    table = read_table(storage.join(index_dir, "ids.parquet")).sort_values("position")
+    if len(table) != index.ntotal:
+        raise ValueError(f"{index_dir}: ids.parquet has {len(table)} ids for an index of "
+                         f"{index.ntotal} vectors")
+    set_search_params(index, meta.get("search_params", {}))
+    return index, table["note_id"].tolist(), meta
+
+
+def run(embeddings_dir: str, out_dir: str, cfg: IndexConfig, *, progress: bool = True) -> dict:
+    table, vectors = read_vectors(storage.join(embeddings_dir, "notes.parquet"))
+    check_vectors(table["note_id"], vectors, cfg.expected_dim)
+    index, meta = build_index(vectors, cfg, progress=progress)
+    meta = save_index(index, table["note_id"].tolist(), meta, out_dir)
+    log.info("index %s over %d vectors on %s: built in %.1f s, recall@%d vs exact %.4f (%s), "
+             "%.1f bytes/vector", meta["factory"], meta["ntotal"], meta["device"],
+             meta["build_seconds"], meta["recall_k"], meta["recall"],
+             meta["search_params"] or "exact", meta["bytes_per_vector"])
     return meta

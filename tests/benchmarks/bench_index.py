@@ -1,0 +1,149 @@
+"""Index speed and quality: the default large-collection index vs exact search (``IndexFlatIP``).
+
+Data: unit vectors from a mixture of Gaussian clusters of varying sizes and spreads around topic
+centres (``clustered_unit_vectors``); queries are other draws near random collection vectors.
+Rows (run_all.py's shape: name, ours, baseline, ratio, note): recall@100 vs exact, queries/s,
+build time, memory. ``bench_index(repeat)`` returns them; ``python bench_index.py [--quick]``
+prints them.
+
+Queries/s are medians of ``repeat`` alternating runs of both indexes over the same
+``min(queries, 2000)`` queries; recall is over all ``queries`` against one more exact run. The
+index is built by the shipped ``build_index`` with the default config, forced past ``flat_max``
+so that ``--quick``'s smaller collection also gets the large-collection index.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+
+def clustered_unit_vectors(n: int, d: int = 64, clusters: int = 2000, topics: int = 100,
+                           seed: int = 0) -> np.ndarray:
+    """(n, d) float32 unit vectors with embedding-like structure.
+
+    ``topics`` broad directions; ``clusters`` centres scattered around them; cluster sizes
+    heavy-tailed (log-normal weights); each cluster its own spread (cosine to its centre from
+    about 0.5 to 0.9), noise anisotropic (a decaying spectrum, as learnt embeddings have).
+    """
+    rng = np.random.default_rng(seed)
+    topic = _unit(rng.standard_normal((topics, d)))  # (topics, d)
+    centre = _unit(topic[rng.integers(0, topics, clusters)]
+                   + 0.6 * rng.standard_normal((clusters, d)) / np.sqrt(d))  # (clusters, d)
+    weight = rng.lognormal(0.0, 1.0, clusters)
+    label = rng.choice(clusters, size=n, p=weight / weight.sum())  # (n,)
+    spread = rng.lognormal(np.log(0.8), 0.35, clusters).astype(np.float32)  # (clusters,)
+    spectrum = (np.arange(1, d + 1) ** -0.5).astype(np.float32)
+    spectrum *= np.sqrt(d / np.sum(spectrum ** 2))  # mean square 1: |noise| ~ spread
+    out = np.empty((n, d), np.float32)
+    for s in range(0, n, 262_144):  # chunks keep the float64 temporaries small
+        lab = label[s:s + 262_144]
+        noise = rng.standard_normal((len(lab), d), dtype=np.float32) * spectrum / np.sqrt(d)
+        out[s:s + len(lab)] = _unit(centre[lab] + spread[lab, None] * noise)
+    return out
+
+
+def queries_near(vectors: np.ndarray, n: int, noise: float = 0.3, seed: int = 1) -> np.ndarray:
+    """(n, d) unit queries: random collection vectors moved by ``noise`` (norm of the offset)."""
+    rng = np.random.default_rng(seed)
+    base = vectors[rng.integers(0, len(vectors), n)]
+    d = vectors.shape[1]
+    return _unit(base + noise * rng.standard_normal((n, d), dtype=np.float32) / np.sqrt(d))
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _recall(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean share of each query's exact top-k found. found, truth (q, k) ids."""
+    k = truth.shape[1]
+    return float(np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(found, truth, strict=True)]))
+
+
+def _paired_qps(a, b, q: np.ndarray, k: int, repeat: int) -> tuple[float, float]:
+    """Median queries/s of indexes a and b, searched alternately ``repeat`` times, so that load
+    from other work on the machine falls on both alike."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeat):
+        for index, out in ((a, times[0]), (b, times[1])):
+            t0 = time.perf_counter()
+            index.search(q, k)
+            out.append(time.perf_counter() - t0)
+    return len(q) / statistics.median(times[0]), len(q) / statistics.median(times[1])
+
+
+def bench_index(repeat: int, n: int = 1_000_000, queries: int = 10_000, k: int = 100,
+                d: int = 64) -> list[tuple]:
+    import faiss
+
+    from components.common.config import IndexConfig
+    from components.index.run import LADDER, build_index
+
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    x = clustered_unit_vectors(n, d=d, clusters=max(50, min(2000, n // 500)))  # (n, d)
+    q = queries_near(x, queries)  # (queries, d)
+    cfg = IndexConfig(flat_max=0, recall_k=k)  # the default large-collection index at any n
+    t0 = time.perf_counter()
+    ours, meta = build_index(x, cfg, progress=False)
+    t_ours_total = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    flat = faiss.IndexFlatIP(d)
+    flat.add(x)
+    t_flat = time.perf_counter() - t0
+
+    _, truth = flat.search(q, k)  # (queries, k) exact
+    _, found = ours.search(q, k)
+    recall = _recall(found, truth)
+    knob, value = next(iter(meta["search_params"].items()))
+    lower = max([v for v in LADDER if v < value] or [value])
+    faiss.ParameterSpace().set_index_parameter(ours, knob, lower)
+    recall_lower = _recall(ours.search(q, k)[1], truth)
+    faiss.ParameterSpace().set_index_parameter(ours, knob, value)
+
+    timed = q[:min(queries, 2000)]
+    qps_ours, qps_flat = _paired_qps(ours, flat, timed, k, repeat)
+    size_ours, size_flat = faiss.serialize_index(ours).size, faiss.serialize_index(flat).size
+    name = f"{meta['factory']} {knob}={value}, {n:,}x{d}"
+    return [
+        (f"index recall@{k} vs exact, {name}, {queries:,} queries", f"{recall:.4f}",
+         "1.0000 (IndexFlatIP)", "", f"target >= {cfg.target_recall}; {knob}={lower}: "
+         f"{recall_lower:.4f}; build-time check {meta['recall']:.4f} on {meta['recall_queries']} "
+         "collection queries"),
+        (f"index search, {name}, k={k}, {len(timed):,} queries", f"{qps_ours:,.0f} queries/s",
+         f"{qps_flat:,.0f} queries/s (IndexFlatIP)", f"{qps_ours / qps_flat:.1f}x",
+         f"target >= 10x; {faiss.omp_get_max_threads()} OpenMP threads"),
+        (f"index build, {name}", f"{meta['build_seconds']:.1f} s",
+         f"{t_flat:.1f} s (IndexFlatIP add)", f"{meta['build_seconds'] / max(t_flat, 1e-9):.0f}x",
+         f"train {meta['train_seconds']:.1f} s on {meta['train_sample']:,}, add "
+         f"{meta['add_seconds']:.1f} s; {knob} tuning + recall check "
+         f"{meta['recall_check_seconds']:.1f} s; all {t_ours_total:.1f} s"),
+        (f"index memory, {name}", f"{size_ours / n:.1f} B/vector, {size_ours / 2**20:.0f} MiB",
+         f"{size_flat / n:.1f} B/vector, {size_flat / 2**20:.0f} MiB (IndexFlatIP)",
+         f"{size_ours / size_flat:.2f}x", "serialised index / ntotal; ids.parquet not counted"),
+    ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="100k vectors, 2k queries, one repeat")
+    args = ap.parse_args()
+    repeat = 1 if args.quick else 3
+    rows = (bench_index(repeat, 100_000, 2_000) if args.quick else bench_index(repeat))
+    header = ("benchmark", "ours (median)", "baseline (median)", "ratio", "note")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)))
+    print(f"\nmachine: {os.cpu_count()} cores; medians of {repeat} run(s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""The index step: factory choice, recall against exact search, the id map on disk, the checks, and
+the CPU/GPU choice. Small clustered collections built by the same code as the benchmark's."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import faiss
+import numpy as np
+import pandas as pd
+import pytest
+
+from components.common.config import IndexConfig
+from components.embed.run import vectors_table, write_vectors
+from components.index import run as index_run
+from components.index.run import (
+    auto_nlist,
+    build_index,
+    check_vectors,
+    load_index,
+    resolve_factory,
+    search,
+    visible_gpus,
+)
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+from bench_index import clustered_unit_vectors, queries_near  # noqa: E402
+
+QUIET = {"progress": False}
+
+
+@pytest.fixture(scope="module")
+def clustered() -> np.ndarray:
+    return clustered_unit_vectors(12_000, d=32, clusters=60, topics=8, seed=1)  # (12000, 32)
+
+
+def ids_for(n: int) -> list[str]:
+    return [f"n{i}" for i in range(n)]
+
+
+def write_embeddings(root, vectors: np.ndarray, ids: list[str]) -> str:
+    out = str(root / "embeddings")
+    write_vectors(vectors_table(ids, vectors), os.path.join(out, "notes.parquet"))
+    return out
+
+
+def exact(queries: np.ndarray, vectors: np.ndarray, k: int) -> np.ndarray:
+    return np.argsort(-(queries @ vectors.T), axis=1, kind="stable")[:, :k]  # (q, k)
+
+
+def test_flat_recall_check_is_one(clustered):
+    index, meta = build_index(clustered[:3000], IndexConfig(recall_queries=200), **QUIET)
+    assert meta["factory"] == "Flat" and meta["search_params"] == {}
+    assert meta["recall"] == 1.0 and meta["recall_k"] == 100 and meta["recall_queries"] == 200
+    assert meta["device"] == "cpu" and meta["ntotal"] == 3000 and meta["dim"] == 32
+
+
+def test_auto_rule():
+    assert resolve_factory("auto", 200_000, 200_000) == "Flat"
+    assert resolve_factory("auto", 200_001, 200_000) == "IVF1024,Flat"
+    assert auto_nlist(1_000_000) == 2048  # power of two nearest 2*sqrt(N)
+    assert auto_nlist(10_000_000) == 8192
+    assert auto_nlist(4_000) == 64  # at least 39 training vectors per list
+    assert resolve_factory(" IVF64,SQ8 ", 10, 5) == "IVF64,SQ8"  # explicit strings kept
+
+
+def test_auto_picks_flat_below_threshold_and_ivf_above(clustered):
+    cfg = IndexConfig(flat_max=5_000, recall_queries=200)
+    _, small = build_index(clustered[:5_000], cfg, **QUIET)
+    _, large = build_index(clustered, cfg, **QUIET)
+    assert small["factory"] == "Flat" and "nlist" not in small
+    assert large["factory"] == f"IVF{auto_nlist(12_000)},Flat" == "IVF256,Flat"
+    assert large["nlist"] == 256 and large["train_sample"] == 12_000
+    assert large["factory_config"] == "auto"
+
+
+def test_ivf_reaches_target_recall_with_recorded_nprobe(clustered):
+    cfg = IndexConfig(flat_max=1_000, recall_queries=300, target_recall=0.95)
+    index, meta = build_index(clustered, cfg, **QUIET)
+    nprobe = meta["search_params"]["nprobe"]
+    assert 1 <= nprobe < meta["nlist"]  # tuned, not an exhaustive scan
+    assert meta["tuning"][-1] == {"nprobe": nprobe, "recall": meta["tuning"][-1]["recall"]}
+    assert meta["tuning"][-1]["recall"] >= 0.95 > meta["tuning"][-2]["recall"]
+    assert meta["recall"] >= 0.93  # a disjoint sample: close to the target, not tuned on
+    # fresh queries near the data, plain numpy ground truth
+    q = queries_near(clustered, 300, seed=7)
+    _, got = search(index, q, 10)
+    truth = exact(q, clustered, 10)
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, truth, strict=True)]) >= 0.93
+    assert faiss.extract_index_ivf(index).nprobe == nprobe
+
+
+def test_fixed_nprobe_is_used_and_its_recall_reported(clustered):
+    index, meta = build_index(clustered, IndexConfig(flat_max=1_000, nprobe=1,
+                                                     recall_queries=200), **QUIET)
+    assert meta["search_params"] == {"nprobe": 1} and meta["tuning"] == []
+    assert meta["recall"] < 0.95  # one list of 256 misses neighbours; the check says so
+
+
+def test_duplicate_id_is_named(tmp_path):
+    vectors = clustered_unit_vectors(50, d=8, clusters=3)
+    ids = ids_for(50)
+    ids[40] = "n7"
+    emb = write_embeddings(tmp_path, vectors, ids)
+    with pytest.raises(ValueError, match=r"duplicate note id.*\bn7\b"):
+        index_run.run(emb, str(tmp_path / "index"), IndexConfig(), **QUIET)
+
+
+def test_dimension_mismatch_names_both_dims(clustered):
+    with pytest.raises(ValueError, match=r"32-dimensional.*expected_dim is 64"):
+        check_vectors(pd.Series(ids_for(100)), clustered[:100], expected_dim=64)
+    index, _ = build_index(clustered[:500], IndexConfig(recall_queries=10), **QUIET)
+    with pytest.raises(ValueError, match=r"queries are 16-dimensional.*32-dimensional"):
+        search(index, np.ones((2, 16), np.float32), 5)
+
+
+def test_non_unit_vectors_are_an_error(clustered):
+    bad = clustered[:100].copy()
+    bad[3] *= 2.0
+    with pytest.raises(ValueError, match=r"1 of 100 vectors are not unit length.*note n3"):
+        check_vectors(pd.Series(ids_for(100)), bad)
+
+
+def test_save_load_round_trip(tmp_path, clustered):
+    ids = ids_for(len(clustered))
+    emb = write_embeddings(tmp_path, clustered, ids)
+    out = str(tmp_path / "index")
+    cfg = IndexConfig(flat_max=1_000, recall_queries=200)
+    meta = index_run.run(emb, out, cfg, **QUIET)
+    assert sorted(os.listdir(out)) == ["ids.parquet", "index.faiss", "index.json"]
+    assert meta["bytes_per_vector"] == pytest.approx(os.path.getsize(f"{out}/index.faiss")
+                                                     / len(ids), abs=0.01)
+    assert 32 * 4 < meta["bytes_per_vector"] < 32 * 4 + 16  # the vector, its id, the centroids
+
+    index, loaded_ids, loaded_meta = load_index(out)
+    assert loaded_ids == ids and loaded_meta == meta
+    assert faiss.extract_index_ivf(index).nprobe == meta["search_params"]["nprobe"]
+    fresh, _ = build_index(clustered, cfg, **QUIET)  # same seed: the same index
+    q = queries_near(clustered, 50, seed=3)
+    d1, i1 = search(index, q, 20)
+    d2, i2 = search(fresh, q, 20)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_allclose(d1, d2, rtol=1e-6)
+    assert [loaded_ids[j] for j in i1[0][:3]] == [ids[j] for j in i2[0][:3]]
+
+
+def test_cpu_path_when_no_gpu(monkeypatch, clustered):
+    def no_gpu_please(*args, **kwargs):
+        raise AssertionError("the GPU path was taken without a GPU")
+
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 0, raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", no_gpu_please, raising=False)
+    _, meta = build_index(clustered[:3000], IndexConfig(flat_max=1_000, recall_queries=50),
+                          **QUIET)
+    assert meta["device"] == "cpu" and meta["gpus"] == 0
+    with pytest.raises(RuntimeError, match="use_gpu=always but FAISS sees no GPU"):
+        build_index(clustered[:100], IndexConfig(use_gpu="always"), **QUIET)
+
+
+def test_gpu_orchestration_with_stand_in_gpus(monkeypatch, clustered):
+    """The GPU path's steps, with FAISS's GPU calls standing in as CPU no-ops: k-means on the
+    GPUs, the index moved there, copied back for saving; HNSW (no GPU version) falls back."""
+    calls = []
+
+    def to_gpus(index, *args, **kwargs):
+        name = type(faiss.downcast_index(index)).__name__
+        if "HNSW" in name:
+            raise RuntimeError("not implemented for GPU")
+        calls.append(name)
+        return index
+
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 2, raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", to_gpus, raising=False)
+    monkeypatch.setattr(faiss, "index_gpu_to_cpu", lambda i: calls.append("back") or i,
+                        raising=False)
+    _, meta = build_index(clustered[:3000], IndexConfig(flat_max=1_000, recall_queries=100),
+                          **QUIET)
+    assert calls == ["IndexFlatL2", "IndexIVFFlat", "back"]
+    assert meta["device"] == "gpu" and meta["gpus"] == 2 and meta["recall"] > 0.9
+    _, meta = build_index(clustered[:500], IndexConfig(factory="HNSW8", recall_queries=20),
+                          **QUIET)
+    assert meta["device"] == "cpu" and meta["gpus"] == 0
+    with pytest.raises(RuntimeError, match="cannot go to the GPU"):
+        build_index(clustered[:500], IndexConfig(factory="HNSW8", use_gpu="always"), **QUIET)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(visible_gpus() == 0, reason="no CUDA GPU visible to FAISS (faiss-cpu, or "
+                                                "no device)")
+def test_gpu_build_matches_cpu_quality(clustered):
+    cfg = IndexConfig(flat_max=1_000, recall_queries=300, use_gpu="always")
+    index, meta = build_index(clustered, cfg, **QUIET)
+    assert meta["device"] == "gpu" and meta["gpus"] == visible_gpus()
+    assert "Gpu" not in type(index).__name__  # copied back to the CPU for saving
+    assert meta["recall"] >= 0.93
+    _, flat = build_index(clustered[:3000], cfg, **QUIET)
+    assert flat["recall"] == 1.0
