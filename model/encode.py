@@ -21,6 +21,8 @@ def encode(model, notes: Sequence[NoteInput], *, batch_size: int = 64, probe: st
     held at a time. Batches are formed from length-sorted notes so that little padding is
     computed; ``sort_by_length=False`` keeps input order (the benchmark's baseline).
     """
+    if len(notes) == 0:
+        return np.zeros((0, model.config.embed_dim), dtype=np.float32)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
     collator = NoteCollator(model)

@@ -96,12 +96,15 @@ def demo_cmd(work: str, notes: int, seed: int, overrides: tuple[str, ...]) -> No
               help="YAML file to write.")
 @click.option("--image", default=None, help="Component image (default: from the package "
               "version, or $NOTELLM2_IMAGE).")
-def compile_cmd(output: str, image: str | None) -> None:
+@click.option("--kubernetes", is_flag=True, help="Add the kfp-kubernetes settings (MLflow/GCS "
+              "Secrets, node selector and tolerations parameters, in-memory /dev/shm for the "
+              "train and embed pods) as the YAML's second document.")
+def compile_cmd(output: str, image: str | None, kubernetes: bool) -> None:
     """Compile the pipeline to KFP IR YAML for the Kubeflow Pipelines UI or kfp.Client."""
     from pipelines.compile import compile_pipeline
 
     try:
-        compile_pipeline(output, image=image)
+        compile_pipeline(output, image=image, kubernetes=kubernetes)
     except ValueError as e:
         _fail(str(e))
     click.echo(f"wrote {output}")

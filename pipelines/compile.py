@@ -7,8 +7,10 @@ import os
 from components.common.image import ENV as IMAGE_ENV
 
 
-def compile_pipeline(output: str, image: str | None = None) -> str:
-    """Write the pipeline YAML to ``output``; ``image`` overrides the component image."""
+def compile_pipeline(output: str, image: str | None = None, kubernetes: bool = False) -> str:
+    """Write the pipeline YAML to ``output``; ``image`` overrides the component image.
+    ``kubernetes`` adds the kfp-kubernetes platform spec (Secrets, node selector, tolerations,
+    /dev/shm) as a second YAML document; without it the file is one KFP IR document."""
     if image:
         os.environ[IMAGE_ENV] = image
         import importlib
@@ -22,8 +24,9 @@ def compile_pipeline(output: str, image: str | None = None) -> str:
             importlib.reload(sys.modules[name])
     from kfp import compiler
 
-    from pipelines.pipeline import notellm2_pipeline
+    from pipelines.pipeline import make_pipeline, notellm2_pipeline
 
+    pipeline = make_pipeline(kubernetes_settings=True) if kubernetes else notellm2_pipeline
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    compiler.Compiler().compile(notellm2_pipeline, output)
+    compiler.Compiler().compile(pipeline, output)
     return output

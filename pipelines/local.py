@@ -81,7 +81,9 @@ def run_local(data: str, work: str, *, preset: str = "tiny", overrides: tuple[st
 
     from kfp import local
 
-    from pipelines.pipeline import notellm2_pipeline
+    from pipelines.pipeline import make_pipeline
+
+    notellm2_pipeline = make_pipeline(resources=False)
 
     local.init(runner=local.SubprocessRunner(use_venv=False),
                pipeline_root=os.path.join(work, "pipeline_root"), raise_on_error=True)
@@ -158,7 +160,9 @@ def summary_table(metrics: dict) -> str:
     """R@K per set (overall, slices, probes) as an aligned text table."""
     from components.evaluate.run import groups
 
-    g = groups(metrics)
+    # probes per slice stay in report.md and the bar chart; here the headline sets
+    g = {n: s for n, s in groups(metrics).items()
+         if not (n.startswith("probe/") and "/slice/" in n)}
     ks = sorted({k for s in g.values() for k in s})
     if not ks:
         return (f"no R@K: the candidate pool ({metrics.get('pool_size', 0)} notes) is smaller "

@@ -1,6 +1,7 @@
 """The NoteLLM-2 training pipeline (KFP v2).
 
-ingest → mine_pairs → validate ──gate──→ train → embed → index → evaluate → register
+ingest → mine_pairs → validate ──gate──→ train → embed (shards) → merge → index → evaluate →
+register
 (alias ``challenger``)
 
 mine_pairs replaces the training pairs with pairs mined from the events when the data has events
@@ -11,11 +12,11 @@ without the notes it dropped.
 
 from typing import NamedTuple
 
-from kfp import dsl
-from kfp.dsl import Artifact, Dataset, Model
+from kfp import dsl, kubernetes
+from kfp.dsl import Artifact, Dataset, Model, PipelineTask
 
 from components.common.image import component_image
-from components.embed.component import embed
+from components.embed.component import embed, merge_embeddings, shard_plan
 from components.evaluate.component import evaluate
 from components.index.component import index
 from components.ingest.component import ingest
@@ -25,6 +26,33 @@ from components.train.component import train
 from components.validate.component import validate
 
 PIPELINE_NAME = "notellm2"
+# Kubernetes Secrets the pods read when they exist (all optional: GKE Workload Identity or an
+# in-cluster MLflow without auth need none). manifests/ creates them; see manifests/README.md.
+MLFLOW_SECRET = "notellm2-mlflow"  # keys: MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD
+GCS_SECRET = "notellm2-gcs"  # key: key.json, a service-account key for gs:// data and artifacts
+GCS_KEY_DIR = "/var/secrets/gcs"
+
+
+def _gpus(task: PipelineTask, accelerator_type, gpus) -> PipelineTask:
+    return task.set_accelerator_type(accelerator_type).set_accelerator_limit(gpus)
+
+
+def _platform(task: PipelineTask, *, node_selector=None, tolerations=None,
+              shm_size: str = "") -> PipelineTask:
+    """kfp-kubernetes settings: credentials for every task; placement and an in-memory
+    /dev/shm where asked."""
+    kubernetes.use_secret_as_env(task, MLFLOW_SECRET, {
+        "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"}, optional=True)
+    kubernetes.use_secret_as_volume(task, GCS_SECRET, GCS_KEY_DIR, optional=True)
+    if node_selector is not None:
+        kubernetes.add_node_selector_json(task, node_selector)
+    if tolerations is not None:
+        kubernetes.add_toleration_json(task, tolerations)
+    if shm_size:  # NCCL and DataLoader workers need more than the container's 64 MiB default
+        kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm",
+                                   medium="Memory", size_limit=shm_size)
+    return task
 
 
 class Outputs(NamedTuple):
@@ -35,50 +63,88 @@ class Outputs(NamedTuple):
     model_uri: str
 
 
-@dsl.pipeline(name=PIPELINE_NAME, description=(
-    "Train NoteLLM-2 multimodal note representations, embed and index the notes, evaluate "
-    "R@K by the reference protocol and register the model in MLflow with alias 'challenger'."))
-def notellm2_pipeline(
-    data_uri: str = "",
-    preset: str = "tiny",
-    overrides: list = [],  # noqa: B006 - KFP takes the default literally; never mutated
-    mlflow_tracking_uri: str = "",
-    mlflow_experiment: str = "notellm2",
-    run_name: str = "",
-) -> Outputs:
-    """NoteLLM-2 end to end.
+def make_pipeline(*, resources: bool = True, kubernetes_settings: bool = False):
+    """The pipeline.
 
-    Args:
-        data_uri: Folder (local path or gs://) in the official NoteLLM CSV layout or the canonical Parquet layout.
-        preset: Named configuration: tiny (CPU demo), qwen2-0.5b-clip-b16, qwen2-7b-clip-b16.
-        overrides: Config overrides as "section.key=value" strings, e.g. ["train.max_steps=50"].
-        mlflow_tracking_uri: MLflow tracking server; empty means the MLFLOW_TRACKING_URI environment variable.
-        mlflow_experiment: MLflow experiment that receives the run.
-        run_name: MLflow run name; empty lets MLflow choose.
+    ``resources``: GPU requests of the train and embed tasks from pipeline parameters (part of
+    the KFP IR). ``kubernetes_settings``: kfp-kubernetes settings (Secrets, node selector,
+    tolerations, /dev/shm), written as a second YAML document, the platform spec.
+    ``kfp.local`` ignores both, and cannot resolve pipeline parameters in the resource settings
+    of tasks inside a ``ParallelFor``, so the local runner builds it with neither.
     """
-    ing = ingest(data_uri=data_uri, mlflow_tracking_uri=mlflow_tracking_uri,
-                 mlflow_experiment=mlflow_experiment, run_name=run_name,
-                 kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, image=component_image())
-    ing.set_display_name("ingest").set_caching_options(False)
-    common = {"preset": preset, "overrides": overrides}
-    tracked = {"mlflow_tracking_uri": mlflow_tracking_uri, "mlflow_run_id": ing.outputs["Output"]}
-    mine = mine_pairs(canonical=ing.outputs["canonical"], **common, **tracked)
-    mine.set_display_name("mine pairs").set_caching_options(False)
-    val = validate(canonical=mine.outputs["mined"], **common, **tracked)
-    val.set_display_name("validate").set_caching_options(False)
-    data = val.outputs["validated"]
-    tr = train(canonical=data, **common, **tracked)
-    tr.set_display_name("train")
-    emb = embed(canonical=data, model=tr.outputs["model"], **common)
-    emb.set_display_name("embed")
-    idx = index(embeddings=emb.outputs["embeddings"], **common)
-    idx.set_display_name("index")
-    ev = evaluate(canonical=data, embeddings=emb.outputs["embeddings"],
-                  **common)
-    ev.set_display_name("evaluate")
-    reg = register(model=tr.outputs["model"], evaluation=ev.outputs["evaluation"],
-                   index=idx.outputs["index"], **common, **tracked)
-    reg.set_display_name("register").set_caching_options(False)
-    return Outputs(model=tr.outputs["model"], embeddings=emb.outputs["embeddings"],
-                   index=idx.outputs["index"], evaluation=ev.outputs["evaluation"],
-                   model_uri=reg.outputs["Output"])
+    gpus = _gpus if resources else (lambda task, *_: task)
+    place = _platform if kubernetes_settings else (lambda task, **_: task)
+
+    @dsl.pipeline(name=PIPELINE_NAME, description=(
+        "Train NoteLLM-2 multimodal note representations, embed and index the notes, evaluate "
+        "R@K by the reference protocol and register the model in MLflow with alias 'challenger'."))
+    def notellm2_pipeline(
+        data_uri: str = "",
+        preset: str = "tiny",
+        overrides: list = [],  # noqa: B006 - KFP takes the default literally; never mutated
+        mlflow_tracking_uri: str = "",
+        mlflow_experiment: str = "notellm2",
+        run_name: str = "",
+        accelerator_type: str = "nvidia.com/gpu",
+        train_gpus: int = 0,
+        embed_gpus: int = 0,
+        node_selector: dict = {},  # noqa: B006
+        tolerations: list = [],  # noqa: B006
+    ) -> Outputs:
+        """NoteLLM-2 end to end.
+
+        Args:
+            data_uri: Folder (local path or gs://) in the official NoteLLM CSV layout or the canonical Parquet layout.
+            preset: Named configuration: tiny (CPU demo), qwen2-0.5b-clip-b16, qwen2-7b-clip-b16.
+            overrides: Config overrides as "section.key=value" strings, e.g. ["train.max_steps=50"].
+            mlflow_tracking_uri: MLflow tracking server; empty means the MLFLOW_TRACKING_URI environment variable.
+            mlflow_experiment: MLflow experiment that receives the run.
+            run_name: MLflow run name; empty lets MLflow choose.
+            accelerator_type: Kubernetes resource name of the GPUs the train and embed tasks request.
+            train_gpus: GPUs of the train task (one DeepSpeed process each); 0 trains on CPU.
+            embed_gpus: GPUs of each embed shard task; 0 embeds on CPU.
+            node_selector: (compiled with --kubernetes) Node labels the train and embed pods must match, e.g. {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}.
+            tolerations: (compiled with --kubernetes) Tolerations of the train and embed pods, e.g. [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}].
+        """
+        ing = ingest(data_uri=data_uri, mlflow_tracking_uri=mlflow_tracking_uri,
+                     mlflow_experiment=mlflow_experiment, run_name=run_name,
+                     kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, image=component_image())
+        ing.set_display_name("ingest").set_caching_options(False)
+        common = {"preset": preset, "overrides": overrides}
+        tracked = {"mlflow_tracking_uri": mlflow_tracking_uri, "mlflow_run_id": ing.outputs["Output"]}
+        mine = mine_pairs(canonical=ing.outputs["canonical"], **common, **tracked)
+        mine.set_display_name("mine pairs").set_caching_options(False)
+        val = validate(canonical=mine.outputs["mined"], **common, **tracked)
+        val.set_display_name("validate").set_caching_options(False)
+        data = val.outputs["validated"]
+        tr = train(canonical=data, **common, **tracked)
+        tr.set_display_name("train")
+        gpus(tr, accelerator_type, train_gpus)
+        place(tr, node_selector=node_selector, tolerations=tolerations, shm_size="16Gi")
+        plan = shard_plan(**common)
+        plan.set_display_name("plan embed shards")
+        with dsl.ParallelFor(plan.output, name="embed-shards") as shard:
+            part = embed(canonical=data, model=tr.outputs["model"], shard_index=shard, **common)
+            part.set_display_name("embed shard")
+            gpus(part, accelerator_type, embed_gpus)
+            place(part, node_selector=node_selector, tolerations=tolerations, shm_size="4Gi")
+        emb = merge_embeddings(shards=dsl.Collected(part.outputs["embeddings"]))
+        emb.set_display_name("merge embeddings")
+        idx = index(embeddings=emb.outputs["embeddings"], **common)
+        idx.set_display_name("index")
+        ev = evaluate(canonical=data, embeddings=emb.outputs["embeddings"],
+                      model=tr.outputs["model"], index=idx.outputs["index"], **common)
+        ev.set_display_name("evaluate")
+        reg = register(model=tr.outputs["model"], evaluation=ev.outputs["evaluation"],
+                       index=idx.outputs["index"], **common, **tracked)
+        reg.set_display_name("register").set_caching_options(False)
+        for task in (ing, mine, val, plan, emb, idx, ev, reg):
+            place(task)
+        return Outputs(model=tr.outputs["model"], embeddings=emb.outputs["embeddings"],
+                       index=idx.outputs["index"], evaluation=ev.outputs["evaluation"],
+                       model_uri=reg.outputs["Output"])
+
+    return notellm2_pipeline
+
+
+notellm2_pipeline = make_pipeline()

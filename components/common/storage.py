@@ -50,6 +50,11 @@ def _client():
 
         return storage.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT", "local"),
                               credentials=AnonymousCredentials())
+    # the pipeline mounts the optional Secret `notellm2-gcs` here; without it the default
+    # credentials apply (GKE Workload Identity, GOOGLE_APPLICATION_CREDENTIALS, gcloud login)
+    key = os.path.join(os.environ.get("NOTELLM2_GCS_KEY_DIR", "/var/secrets/gcs"), "key.json")
+    if not os.environ.get("GOOGLE_APPLICATION_CREDENTIALS") and os.path.isfile(key):
+        return storage.Client.from_service_account_json(key)
     return storage.Client()
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 
 import numpy as np
+import pandas as pd
 
 from components.common import storage
 from components.common.canonical import load_canonical
@@ -19,8 +21,27 @@ from components.evaluate.metrics import dedupe_pairs, evaluate_pairs
 log = logging.getLogger(__name__)
 
 
-def _protocol(test_pairs, test_ids, vectors: np.ndarray, cfg: EvalConfig, slices: dict):
-    """Main protocol + slices for one set of test-note vectors (rows follow ``test_ids``)."""
+OFFICIAL_LENGTH_SLICES = {"shortquery", "longquery", "shortgtdoc", "longgtdoc"}
+
+
+def length_slices(test_pairs: pd.DataFrame, test_notes: pd.DataFrame, threshold: int
+                  ) -> tuple[dict[str, pd.DataFrame], int]:
+    """Test pairs split by the text length (title + content characters) of the query and of the
+    target: ``short_query`` (≤ threshold), ``long_query``, ``short_target``, ``long_target``.
+    ``threshold`` 0 takes the median length of the test notes. Returns (slices, threshold)."""
+    length = dict(zip(test_notes["note_id"], test_notes["title"].str.len()
+                      + test_notes["content"].str.len(), strict=True))
+    thr = int(threshold or (np.median(list(length.values())) if length else 0))
+    q = test_pairs["query_id"].map(length).fillna(0).to_numpy()
+    t = test_pairs["target_id"].map(length).fillna(0).to_numpy()
+    return ({"short_query": test_pairs[q <= thr], "long_query": test_pairs[q > thr],
+             "short_target": test_pairs[t <= thr], "long_target": test_pairs[t > thr]}, thr)
+
+
+def _protocol(test_pairs, test_ids, vectors: np.ndarray, cfg: EvalConfig, slices: dict,
+              index_dir: str = ""):
+    """Main protocol + slices for one set of test-note vectors (rows follow ``test_ids``); with
+    ``index_dir`` also the main protocol through the index."""
     row = {nid: i for i, nid in enumerate(test_ids)}
     kept = dedupe_pairs(zip(test_pairs["query_id"], test_pairs["target_id"], strict=True))
     queries = {q for q, _ in kept}
@@ -31,6 +52,9 @@ def _protocol(test_pairs, test_ids, vectors: np.ndarray, cfg: EvalConfig, slices
     m, n = evaluate_pairs(kept, pool_ids, pool, q_vecs, cfg.ks, cfg.query_chunk)
     out |= m
     counts = {"n_queries": n, "pool_size": len(pool_ids)}
+    if index_dir:
+        out |= index_recall(index_dir, kept, pool_ids, q_vecs, cfg.ks, cfg.index_max_k,
+                            cfg.query_chunk)
     for name, sp in slices.items():
         sk = dedupe_pairs(zip(sp["query_id"], sp["target_id"], strict=True))
         sq = vectors[[row[q] for q, _ in sk]] if sk else vectors[:0]
@@ -40,7 +64,76 @@ def _protocol(test_pairs, test_ids, vectors: np.ndarray, cfg: EvalConfig, slices
     return out, counts
 
 
-def run(canonical_dir: str, embeddings_dir: str, out_dir: str, cfg: EvalConfig) -> dict:
+MAX_INDEX_DEPTH = 16_384
+
+
+def index_recall(index_dir: str, kept: list[tuple[str, str]], pool_ids: list[str],
+                 q_vecs: np.ndarray, ks, max_k: int, chunk: int) -> dict[str, float]:
+    """R@K through the built index: what serving returns. The index holds every embedded note,
+    so each query searches deep enough that the results outside the candidate pool (the
+    protocol's pool: test notes except the queries) can be skipped, down to a depth of
+    ``K·ntotal/pool·1.5`` (at most ``MAX_INDEX_DEPTH``); ``index/short_lists`` is the share of
+    queries whose results held fewer than K pool notes, counted as misses beyond their end."""
+    from components.index.run import load_index, search
+
+    ks = [k for k in ks if k <= max_k and k < len(pool_ids)]
+    if not ks or not kept:
+        return {}
+    index, ids, meta = load_index(index_dir)
+    kmax = max(ks)
+    depth = int(min(index.ntotal, MAX_INDEX_DEPTH,
+                    math.ceil(kmax * index.ntotal / len(pool_ids) * 1.5) + 16))
+    pos = {n: i for i, n in enumerate(ids)}
+    missing = [t for _, t in kept if t not in pos]
+    if missing:
+        raise ValueError(f"{len(missing)} partner(s) are not in the index, e.g. {missing[:3]}")
+    in_pool = np.zeros(index.ntotal + 1, dtype=bool)  # the extra slot answers FAISS's -1
+    in_pool[[pos[n] for n in pool_ids if n in pos]] = True
+    target = np.array([pos[t] for _, t in kept])
+    ranks = np.empty(len(kept), dtype=np.float64)
+    short = 0
+    for s in range(0, len(kept), chunk):
+        _, found = search(index, np.ascontiguousarray(q_vecs[s:s + chunk]), depth)  # (c, depth)
+        valid = in_pool[found]  # -1 indexes the extra False slot
+        pool_rank = np.cumsum(valid, axis=1) - 1
+        hit = valid & (found == target[s:s + chunk, None])
+        ranks[s:s + chunk] = np.where(hit.any(1), pool_rank[np.arange(len(hit)), hit.argmax(1)],
+                                      np.inf)
+        short += int((valid.sum(1) < kmax).sum())
+    out = {f"index/R@{k}": float(np.mean(ranks < k)) for k in ks}
+    return out | {"index/depth": depth, "index/short_lists": short / len(kept),
+                  "index/factory": meta.get("factory", "")}
+
+
+def saliency_summary(model_dir: str, test_notes: pd.DataFrame, test_pairs: pd.DataFrame,
+                     n_pairs: int, seed: int = 0) -> dict[str, float]:
+    """Mean share of the final token's saliency flowing from image slots vs text tokens, over
+    a seeded sample of test pairs (NoteLLM-2 §2.5)."""
+    from components.common.notes import LazyNotes
+    from model import NoteLLM2
+    from model.collator import NoteCollator
+    from model.saliency import image_text_saliency
+
+    row = {n: i for i, n in enumerate(test_notes["note_id"])}
+    usable = test_pairs[test_pairs["query_id"].isin(row) & test_pairs["target_id"].isin(row)
+                        & (test_pairs["query_id"] != test_pairs["target_id"])]
+    take = usable.sample(n=min(n_pairs, len(usable)), random_state=seed)
+    if take.empty:
+        return {}
+    with storage.local_copy(model_dir) as local:
+        model = NoteLLM2.from_pretrained(local)
+    lazy = LazyNotes(test_notes)
+    keys = [row[q] for q in take["query_id"]] + [row[t] for t in take["target_id"]]
+    batch = NoteCollator(model)([lazy[k] for k in keys])
+    sal = image_text_saliency(model, batch)
+    return {"saliency/image_share": sal["image_share"], "saliency/text_share": sal["text_share"],
+            "saliency/pairs": len(take)}
+
+
+def run(canonical_dir: str, embeddings_dir: str, out_dir: str, cfg: EvalConfig, *,
+        model_dir: str = "", index_dir: str = "") -> dict:
+    """metrics.json, report.md and charts in ``out_dir``. With ``model_dir`` also the saliency
+    summary; with ``index_dir`` also R@K through the built index (``index/R@K``)."""
     notes, pairs, manifest = load_canonical(canonical_dir)
     table, vectors = read_vectors(storage.join(embeddings_dir, "notes.parquet"))
     test_split = "test" if "test" in notes else next(iter(notes))
@@ -51,7 +144,13 @@ def run(canonical_dir: str, embeddings_dir: str, out_dir: str, cfg: EvalConfig) 
         raise ValueError(f"{len(missing)} test note(s) have no vector, e.g. {missing[:3]}")
     test_vecs = vectors[[pos[n] for n in test_ids]]
     slices = {k[len("test_"):]: v for k, v in pairs.items() if k.startswith("test_")}
-    metrics, counts = _protocol(pairs["test"], test_ids, test_vecs, cfg, slices)
+    extra: dict[str, object] = {}
+    if cfg.length_slices and not OFFICIAL_LENGTH_SLICES & set(slices):
+        by_length, extra["length_threshold_chars"] = length_slices(
+            pairs["test"], notes[test_split], cfg.length_threshold_chars)
+        slices |= by_length
+    metrics, counts = _protocol(pairs["test"], test_ids, test_vecs, cfg, slices, index_dir)
+    counts |= extra
     if cfg.probes:
         for probe in ("text_only", "image_only"):
             uri = storage.join(embeddings_dir, f"probe_{probe}.parquet")
@@ -62,6 +161,9 @@ def run(canonical_dir: str, embeddings_dir: str, out_dir: str, cfg: EvalConfig) 
             pm, _ = _protocol(pairs["test"], test_ids, pvecs[[ppos[n] for n in test_ids]], cfg,
                               slices)
             metrics |= {f"probe/{probe}/{k}": v for k, v in pm.items()}
+    if model_dir and cfg.saliency_pairs > 0:
+        metrics |= saliency_summary(model_dir, notes[test_split], pairs["test"],
+                                    cfg.saliency_pairs)
     result = {**metrics, **counts, "ties": "pessimistic", "status": "complete"}
     storage.write_text(storage.join(out_dir, "metrics.json"), json.dumps(result, indent=2))
     storage.write_text(storage.join(out_dir, "report.md"), report_markdown(result, manifest))
@@ -99,6 +201,11 @@ def report_markdown(result: dict, manifest: dict) -> str:
                 f"{series[k]:.4f}" if k in series else "" for k in ks) + " |")
         lines += ["", "![recall@K](recall_at_k.png)", "",
                   "![probes and slices](probes_slices.png)", ""]
+    if "saliency/image_share" in result:
+        lines += [f"Saliency over {result['saliency/pairs']} test pairs (share of the final "
+                  "token's attention×gradient flow, summed over layers): image "
+                  f"{result['saliency/image_share']:.3f}, text {result['saliency/text_share']:.3f}.",
+                  ""]
     lines += ["Data: " + ", ".join(f"{k} {v}" for k, v in manifest.get("notes", {}).items())
               + " notes; " + ", ".join(f"{k} {v}" for k, v in manifest.get("pairs", {}).items())
               + " pairs.", ""]

@@ -96,5 +96,31 @@ def test_evaluate_step_on_hand_made_vectors(tmp_path):
     assert m["probe/image_only/slice/a/R@2"] == 1.0
     out = tmp_path / "eval"
     assert json.loads((out / "metrics.json").read_text())["status"] == "complete"
+    # through an exact index the serving-side R@K equals the exact protocol's
+    from components.common.config import IndexConfig
+    from components.index.run import run as build_index
+
+    build_index(str(emb), str(tmp_path / "index"), IndexConfig(factory="Flat"), progress=False)
+    mi = run(str(tmp_path / "canon"), str(emb), str(tmp_path / "eval2"), EvalConfig(ks=(1, 2, 3)),
+             index_dir=str(tmp_path / "index"))
+    assert (mi["index/R@1"], mi["index/R@2"]) == (m["R@1"], m["R@2"])
+    assert mi["index/short_lists"] == 0.0
     for f in ("report.md", "recall_at_k.png", "probes_slices.png"):
         assert (out / f).stat().st_size > 0
+
+
+def test_length_slices_split_queries_and_targets_by_text_length():
+    import pandas as pd
+
+    from components.evaluate.run import length_slices
+
+    notes = pd.DataFrame({"note_id": ["a", "b", "c", "d"], "title": ["x", "xx", "", "xxxxx"],
+                          "content": ["", "yy", "y", "yyyyy"]})  # lengths 1, 4, 1, 10
+    pairs = pd.DataFrame({"query_id": ["a", "b", "c"], "target_id": ["b", "d", "a"]})
+    slices, thr = length_slices(pairs, notes, 0)
+    assert thr == 2  # median of 1, 4, 1, 10 is 2.5 -> 2
+    assert slices["short_query"]["query_id"].tolist() == ["a", "c"]
+    assert slices["long_query"]["query_id"].tolist() == ["b"]
+    assert slices["short_target"]["target_id"].tolist() == ["a"]
+    assert slices["long_target"]["target_id"].tolist() == ["b", "d"]
+    assert length_slices(pairs, notes, 5)[0]["long_target"]["target_id"].tolist() == ["d"]

@@ -64,3 +64,21 @@ def test_default_image_is_versioned_never_latest(tmp_path):
 
     image = component_image()
     assert not image.endswith(":latest") and ":" in image.rsplit("/", 1)[-1]
+
+
+def test_compile_with_kubernetes_settings(tmp_path):
+    out = tmp_path / "k8s.yaml"
+    result = CliRunner().invoke(main, ["compile", "--output", str(out), "--kubernetes"])
+    assert result.exit_code == 0, result.output
+    spec, platform = yaml.safe_load_all(out.read_text())
+    execs = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    train = execs["exec-train"]
+    assert train["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm",
+                                        "sizeLimit": "16Gi", "volumeName": "dshm"}]
+    assert train["nodeSelector"]["nodeSelectorJson"]["componentInputParameter"] == "node_selector"
+    assert train["tolerations"][0]["tolerationJson"]["componentInputParameter"] == "tolerations"
+    for name, ex in execs.items():  # credentials come from optional Secrets, never inline
+        assert ex["secretAsEnv"][0]["optional"] and ex["secretAsVolume"][0]["optional"], name
+    # GPU requests are IR: the train task's limit follows the train_gpus parameter
+    res = spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
+    assert "accelerator" in res
