@@ -5,6 +5,7 @@
   tiny-model encode (notes/s, CPU)       length-sorted vs unsorted batches, skewed lengths
   pair mining from events                 NumPy window search vs a DuckDB range join
   FAISS index, 1M x 64-d clustered        default large-collection index vs IndexFlatIP
+  tiny-model training (pairs/s, CPU)     2 DeepSpeed processes vs 1, one thread each
   embed fan-out (notes/s)                 2 shard processes vs 1
 """
 
@@ -150,6 +151,9 @@ def main() -> None:
     from bench_index import bench_index
 
     rows += bench_index(1, 100_000, 2_000) if args.quick else bench_index(repeat)
+    from bench_train import bench_train
+
+    rows += bench_train(repeat)
     from bench_embed import bench_embed
 
     rows += bench_embed(repeat, 300 if args.quick else 1000)
