@@ -5,6 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # CPU build for dev and CI; the Docker image installs its own CUDA build.
 TORCH  ?= torch==2.13.0
+CHECKOV ?= 3.3.30
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
@@ -17,6 +18,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check "$(TORCH)"
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	@# checkov pins an older `packaging` than pytest allows: it gets a venv of its own
+	@test -x $(VENV)/tools/checkov/bin/checkov || ( $(PYTHON) -m venv $(VENV)/tools/checkov && \
+	  $(VENV)/tools/checkov/bin/python -m pip install --quiet --disable-pip-version-check \
+	  "checkov==$(CHECKOV)" )
 	@touch $@
 
 demo: setup
