@@ -66,8 +66,28 @@ class TrainConfig:
     keep_checkpoints: int = 2
     checkpoint_dir: str = ""
     resume: bool = True  # False: delete this folder's checkpoints and start over
+    # -- where the processes run (components/train/trainjob.py) --
+    # "local": in the KFP task's pod (torchrun there when nproc > 1); "trainjob": a Kubeflow
+    # Trainer TrainJob of `num_nodes` pods, each running torchrun over its processes (`nproc`,
+    # 0 = one per GPU); data and model must then live under a gs:// pipeline root
+    launcher: str = "local"
+    num_nodes: int = 1
+    gpus_per_node: int = 0  # nvidia.com/gpu per TrainJob pod; 0 = CPU (DeepSpeed's CPU accelerator)
+    # TrainJob pod cpu / memory (Kubernetes quantities, requests = limits); "" = none requested:
+    # the TrainJob's resources replace the runtime's, they do not merge with them
+    cpu_per_node: str = ""
+    memory_per_node: str = ""
+    trainjob_runtime: str = "notellm2-deepspeed"  # the ClusterTrainingRuntime (torch policy)
+    trainjob_namespace: str = ""  # "" = the namespace of the pod that submits it
+    trainjob_image: str = ""  # "" = the component image (components.common.image)
+    trainjob_timeout_s: int = 86_400  # also the TrainJob's activeDeadlineSeconds
 
     def __post_init__(self) -> None:
+        if self.launcher not in ("local", "trainjob"):
+            raise ValueError(f"train.launcher must be local or trainjob, not {self.launcher!r}")
+        if min(self.num_nodes, self.trainjob_timeout_s) < 1 or self.gpus_per_node < 0:
+            raise ValueError("train.num_nodes and train.trainjob_timeout_s must be at least 1, "
+                             "train.gpus_per_node not negative")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"train.zero_stage must be 0, 1, 2 or 3, not {self.zero_stage}")
         if self.precision not in ("auto", "bf16", "fp32"):
@@ -75,6 +95,8 @@ class TrainConfig:
         if min(self.grad_accum, self.keep_checkpoints, self.batch_pairs) < 1:
             raise ValueError("train.grad_accum, train.keep_checkpoints and train.batch_pairs "
                              "must be at least 1")
+        if min(self.log_every, self.val_every) < 1:
+            raise ValueError("train.log_every and train.val_every must be at least 1")
         if min(self.nproc, self.threads_per_proc, self.checkpoint_every) < 0:
             raise ValueError("train.nproc, train.threads_per_proc and train.checkpoint_every "
                              "must not be negative")
@@ -142,12 +164,28 @@ class EvalConfig:
     index_max_k: int = 1000
     # test pairs whose image-vs-text saliency (model/saliency.py) is summarised; 0 = off
     saliency_pairs: int = 16
+    # champion vs challenger: paired bootstrap over the test queries
+    bootstrap_resamples: int = 1000
+    bootstrap_seed: int = 0
+    ci_level: float = 0.95
 
 
 @dataclass(frozen=True)
 class RegisterConfig:
     model_name: str = "notellm2"
     alias: str = "challenger"
+    # the promotion gate (components/register/promote.py)
+    promote_metric: str = "R@100"
+    min_delta_ci_low: float = 0.0  # the interval's lower bound of ΔR@K must exceed this
+    max_regression: float = 0.02  # no slice or probe may lose more R@K than this
+    absolute_bar: float = 0.1  # R@K the first version needs when there is no champion
+    # the A/B plan
+    ab_traffic_challenger: float = 0.1
+    ab_alpha: float = 0.05
+    ab_power: float = 0.8
+    ab_primary_metric: str = "click-through rate of the related-notes slot"
+    ab_guardrail_metrics: tuple[str, ...] = ("p99 retrieval latency", "empty-result rate",
+                                             "dwell time per click")
 
 
 @dataclass(frozen=True)

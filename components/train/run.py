@@ -28,6 +28,11 @@ def run(canonical_dir: str, model_out: str, cfg: RunConfig, *, tracking_uri: str
     when that folder already holds a complete checkpoint of the same configuration, training
     continues from it."""
     t = cfg.train
+    if t.launcher == "trainjob":  # processes in a Kubeflow Trainer TrainJob, not in this pod
+        from components.train import trainjob
+
+        return trainjob.run(canonical_dir, model_out, cfg, tracking_uri=tracking_uri,
+                            run_id=run_id)
     nproc = launch.resolve_nproc(t)
     job = Job(canonical_dir, model_out, cfg.to_dict(), tracking_uri, run_id, progress)
     if nproc == 1:

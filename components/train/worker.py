@@ -56,7 +56,9 @@ STEP_DELAY_ENV = "NOTELLM2_TRAIN_STEP_DELAY_S"
 # these is still resumed
 OPERATIONAL = {"nproc", "threads_per_proc", "checkpoint_every", "keep_checkpoints",
                "checkpoint_dir", "resume", "log_every", "val_every", "num_workers",
-               "pixel_cache_mb"}
+               "pixel_cache_mb", "launcher", "num_nodes", "gpus_per_node", "cpu_per_node",
+               "memory_per_node", "trainjob_runtime", "trainjob_namespace", "trainjob_image",
+               "trainjob_timeout_s"}
 
 
 class NonFiniteLoss(FloatingPointError):
