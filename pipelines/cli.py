@@ -54,8 +54,13 @@ def _run_local(data: str, work: str, preset: str, overrides: tuple[str, ...]) ->
     click.echo("")
     click.secho(f"pipeline finished in {time.perf_counter() - t0:.0f} s", fg="green", bold=True)
     click.echo(summary_table(res.metrics))
-    click.echo(f"\nresults in {res.work}: metrics.json, report.md, model/, embeddings/, index/")
-    click.echo(f"registered model: {res.model_uri}")
+    click.echo(f"\nresults in {res.work}: metrics.json, report.md, model/, embeddings/, index/, "
+               "decision/ (decision.md, ab_plan.md)")
+    d = res.decision
+    click.echo(f"registered model: {res.model_uri} (alias challenger)")
+    click.echo(f"promotion gate:   {d['decision']} — " + "; ".join(d["reasons"]))
+    if d["decision"] == "promote":
+        click.echo(f"                  models:/{d['name']}@champion is now version {d['version']}")
     if res.tracking_uri.startswith("sqlite:///"):
         click.echo(f"MLflow UI:        mlflow ui --backend-store-uri {res.tracking_uri}")
     else:
@@ -109,6 +114,107 @@ def compile_cmd(output: str, image: str | None, kubernetes: bool) -> None:
         _fail(str(e))
     click.echo(f"wrote {output}")
 
+
+def _registry(tracking_uri: str | None, work: str | None):
+    import mlflow
+
+    if work:
+        tracking_uri = f"sqlite:///{os.path.abspath(os.path.join(work, 'mlflow.db'))}"
+    if not tracking_uri:
+        _fail("no MLflow registry: pass --tracking-uri (or set MLFLOW_TRACKING_URI) or --work")
+    return mlflow.MlflowClient(tracking_uri=tracking_uri)
+
+
+def _register_cfg(overrides: tuple[str, ...]):
+    from components.common.config import resolve
+
+    try:
+        return resolve("tiny", list(overrides)).register
+    except ConfigError as e:
+        _fail(str(e))
+
+
+_REGISTRY_OPTIONS = [
+    click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None,
+                 help="MLflow tracking/registry URI (default: $MLFLOW_TRACKING_URI)."),
+    click.option("--work", default=None, type=click.Path(file_okay=False),
+                 help="Use the SQLite registry of a run-local work folder instead."),
+    click.option("--set", "overrides", multiple=True, metavar="register.KEY=VALUE",
+                 help="Override register settings (model name, gate thresholds)."),
+]
+
+
+def _with_registry(fn):
+    for option in reversed(_REGISTRY_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+@main.command("promote")
+@click.option("--version", "version", required=True, help="Model version to make champion.")
+@click.option("--force", is_flag=True, help="Promote even when the gate's checks fail.")
+@_with_registry
+def promote_cmd(version: str, force: bool, tracking_uri, work, overrides) -> None:
+    """Make a registered version the champion, after the same checks as the pipeline's gate."""
+    from mlflow.exceptions import MlflowException
+
+    from components.register.promote import manual_promote
+
+    client, cfg = _registry(tracking_uri, work), _register_cfg(overrides)
+    try:
+        moved, problems = manual_promote(client, cfg.model_name, version, cfg, force=force)
+    except (PermissionError, MlflowException) as e:
+        _fail(str(e))
+    for p in problems:
+        click.secho(f"forced past: {p}", fg="yellow")
+    click.echo(f"{cfg.model_name}@champion = version {moved['champion']} (previous: "
+               f"{moved['previous_champion'] or 'none'})")
+
+
+@main.command("rollback")
+@_with_registry
+def rollback_cmd(tracking_uri, work, overrides) -> None:
+    """Give the champion alias back to the previous champion."""
+    from components.register.promote import rollback
+
+    client, cfg = _registry(tracking_uri, work), _register_cfg(overrides)
+    try:
+        moved = rollback(client, cfg.model_name)
+    except LookupError as e:
+        _fail(str(e))
+    click.echo(f"{cfg.model_name}@champion = version {moved['champion']} (version "
+               f"{moved['demoted']} demoted)")
+
+
+@main.command("compare")
+@click.option("--a", "model_a", required=True, help="Model A (the candidate): models:/NAME@ALIAS, "
+              "models:/NAME/VERSION or a saved model folder.")
+@click.option("--b", "model_b", required=True, help="Model B (the reference), same forms.")
+@click.option("--data", required=True, help="Data folder (official or canonical layout) whose "
+              "test pairs are evaluated.")
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="Folder for metrics.json and report.md (default: a temporary one).")
+@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None,
+              help="MLflow URI for models:/ references (default: $MLFLOW_TRACKING_URI).")
+def compare_cmd(model_a: str, model_b: str, data: str, out: str | None,
+                tracking_uri: str | None) -> None:
+    """R@K of A and B on the same test queries, with paired-bootstrap intervals of A − B."""
+    from pipelines.compare import compare_models
+
+    try:
+        rows = compare_models(model_a, model_b, data, out, tracking_uri=tracking_uri)
+    except (DataError, ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    click.echo(rows)
+
+
+def _add_submit() -> None:
+    from pipelines.submit import submit_cmd
+
+    main.add_command(submit_cmd)
+
+
+_add_submit()
 
 if __name__ == "__main__":
     main()

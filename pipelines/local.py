@@ -28,7 +28,8 @@ from components.common.readers import detect_layout
 from components.common.tracking import ENV as TRACKING_ENV
 
 log = logging.getLogger(__name__)
-RESULTS = ("metrics.json", "report.md", "recall_at_k.png", "model", "embeddings", "index")
+RESULTS = ("metrics.json", "report.md", "recall_at_k.png", "probes_slices.png", "decision",
+           "model", "embeddings", "index")
 
 
 class PipelineFailed(RuntimeError):
@@ -41,6 +42,7 @@ class LocalResult:
     metrics: dict
     model_uri: str
     tracking_uri: str
+    decision: dict
 
 
 def default_tracking(work: str) -> tuple[str, bool]:
@@ -100,7 +102,10 @@ def run_local(data: str, work: str, *, preset: str = "tiny", overrides: tuple[st
     _publish(out, work)
     with open(os.path.join(work, "metrics.json")) as f:
         metrics = json.load(f)
-    return LocalResult(work=work, metrics=metrics, model_uri=out["model_uri"], tracking_uri=uri)
+    with open(os.path.join(out["decision"].path, "decision.json")) as f:
+        decision = json.load(f)
+    return LocalResult(work=work, metrics=metrics, tracking_uri=uri, decision=decision,
+                       model_uri=f"models:/{decision['name']}/{decision['version']}")
 
 
 class _Tee(io.TextIOBase):
@@ -149,10 +154,10 @@ def _plain(msg: str) -> str:
 def _publish(out: dict, work: str) -> None:
     """Copy the pipeline's outputs into the work-folder layout (only after every task passed)."""
     ev = out["evaluation"].path
-    for name in ("metrics.json", "report.md", "recall_at_k.png"):
+    for name in ("metrics.json", "report.md", "recall_at_k.png", "probes_slices.png"):
         if os.path.exists(os.path.join(ev, name)):
             shutil.copyfile(os.path.join(ev, name), os.path.join(work, name))
-    for key in ("model", "embeddings", "index"):
+    for key in ("model", "embeddings", "index", "decision"):
         shutil.copytree(out[key].path, os.path.join(work, key))
 
 

@@ -21,7 +21,7 @@ from components.evaluate.component import evaluate
 from components.index.component import index
 from components.ingest.component import ingest
 from components.mine_pairs.component import mine_pairs
-from components.register.component import register
+from components.register.component import promote, register
 from components.train.component import train
 from components.validate.component import validate
 
@@ -60,7 +60,7 @@ class Outputs(NamedTuple):
     embeddings: Dataset
     index: Artifact
     evaluation: Artifact
-    model_uri: str
+    decision: Artifact
 
 
 def make_pipeline(*, resources: bool = True, kubernetes_settings: bool = False):
@@ -119,6 +119,8 @@ def make_pipeline(*, resources: bool = True, kubernetes_settings: bool = False):
         data = val.outputs["validated"]
         tr = train(canonical=data, **common, **tracked)
         tr.set_display_name("train")
+        # a TrainJob launched from this task runs the image this pipeline was compiled for
+        tr.set_env_variable("NOTELLM2_IMAGE", component_image())
         gpus(tr, accelerator_type, train_gpus)
         place(tr, node_selector=node_selector, tolerations=tolerations, shm_size="16Gi")
         plan = shard_plan(**common)
@@ -133,16 +135,22 @@ def make_pipeline(*, resources: bool = True, kubernetes_settings: bool = False):
         idx = index(embeddings=emb.outputs["embeddings"], **common)
         idx.set_display_name("index")
         ev = evaluate(canonical=data, embeddings=emb.outputs["embeddings"],
-                      model=tr.outputs["model"], index=idx.outputs["index"], **common)
+                      model=tr.outputs["model"], index=idx.outputs["index"],
+                      mlflow_tracking_uri=mlflow_tracking_uri, **common)
         ev.set_display_name("evaluate")
         reg = register(model=tr.outputs["model"], evaluation=ev.outputs["evaluation"],
                        index=idx.outputs["index"], **common, **tracked)
         reg.set_display_name("register").set_caching_options(False)
+        with dsl.If(reg.outputs["Output"] == "promote", name="gate passed"):
+            prom = promote(decision=reg.outputs["decision"],
+                           mlflow_tracking_uri=mlflow_tracking_uri, **common)
+            prom.set_display_name("promote to champion").set_caching_options(False)
+            place(prom)
         for task in (ing, mine, val, plan, emb, idx, ev, reg):
             place(task)
         return Outputs(model=tr.outputs["model"], embeddings=emb.outputs["embeddings"],
                        index=idx.outputs["index"], evaluation=ev.outputs["evaluation"],
-                       model_uri=reg.outputs["Output"])
+                       decision=reg.outputs["decision"])
 
     return notellm2_pipeline
 

@@ -55,10 +55,11 @@ def recall_at_k(ranks: np.ndarray, ks: Sequence[int], pool_size: int) -> dict[st
 
 
 def evaluate_pairs(pairs: list[tuple[str, str]], pool_ids: Sequence[str], pool: np.ndarray,
-                   query_vecs: np.ndarray, ks: Sequence[int], chunk: int = 1024
-                   ) -> tuple[dict[str, float], int]:
+                   query_vecs: np.ndarray, ks: Sequence[int], chunk: int = 1024,
+                   ranks_out: list | None = None) -> tuple[dict[str, float], int]:
     """Recall@K of already de-duplicated ``pairs`` over a fixed pool. Pairs whose target is not
-    in the pool are left out; returns (metrics, number of queries used)."""
+    in the pool are left out; returns (metrics, number of queries used). ``ranks_out`` receives
+    the per-query ranks, in pair order (for paired comparisons)."""
     pos = {nid: i for i, nid in enumerate(pool_ids)}
     kept = [(i, q, t) for i, (q, t) in enumerate(pairs) if t in pos]
     if not kept:
@@ -67,4 +68,6 @@ def evaluate_pairs(pairs: list[tuple[str, str]], pool_ids: Sequence[str], pool: 
     target = np.array([pos[t] for _, _, t in kept])
     exclude = np.array([pos.get(q, -1) for _, q, _ in kept])
     ranks = partner_ranks(query_vecs[rows], pool, target, exclude, chunk)
+    if ranks_out is not None:
+        ranks_out.append(ranks)
     return recall_at_k(ranks, ks, len(pool_ids)), len(kept)

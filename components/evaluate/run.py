@@ -17,6 +17,7 @@ from components.common.canonical import load_canonical
 from components.common.config import EvalConfig
 from components.embed.run import read_vectors
 from components.evaluate.metrics import dedupe_pairs, evaluate_pairs
+from model.collator import PROBES
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +40,15 @@ def length_slices(test_pairs: pd.DataFrame, test_notes: pd.DataFrame, threshold:
 
 
 def _protocol(test_pairs, test_ids, vectors: np.ndarray, cfg: EvalConfig, slices: dict,
-              index_dir: str = ""):
+              index_dir: str = "", ranks: dict | None = None):
     """Main protocol + slices for one set of test-note vectors (rows follow ``test_ids``); with
-    ``index_dir`` also the main protocol through the index."""
+    ``index_dir`` also the main protocol through the index. ``ranks`` receives the per-query
+    ranks of each set ("" for the main protocol, "slice/<name>")."""
+    def keep(name: str):
+        if ranks is None:
+            return None
+        return ranks.setdefault(name, [])
+
     row = {nid: i for i, nid in enumerate(test_ids)}
     kept = dedupe_pairs(zip(test_pairs["query_id"], test_pairs["target_id"], strict=True))
     queries = {q for q, _ in kept}
@@ -49,7 +56,7 @@ def _protocol(test_pairs, test_ids, vectors: np.ndarray, cfg: EvalConfig, slices
     pool = vectors[[row[n] for n in pool_ids]] if pool_ids else vectors[:0]
     out: dict[str, float] = {}
     q_vecs = vectors[[row[q] for q, _ in kept]] if kept else vectors[:0]
-    m, n = evaluate_pairs(kept, pool_ids, pool, q_vecs, cfg.ks, cfg.query_chunk)
+    m, n = evaluate_pairs(kept, pool_ids, pool, q_vecs, cfg.ks, cfg.query_chunk, keep(""))
     out |= m
     counts = {"n_queries": n, "pool_size": len(pool_ids)}
     if index_dir:
@@ -58,7 +65,8 @@ def _protocol(test_pairs, test_ids, vectors: np.ndarray, cfg: EvalConfig, slices
     for name, sp in slices.items():
         sk = dedupe_pairs(zip(sp["query_id"], sp["target_id"], strict=True))
         sq = vectors[[row[q] for q, _ in sk]] if sk else vectors[:0]
-        sm, sn = evaluate_pairs(sk, pool_ids, pool, sq, cfg.ks, cfg.query_chunk)
+        sm, sn = evaluate_pairs(sk, pool_ids, pool, sq, cfg.ks, cfg.query_chunk,
+                                keep(f"slice/{name}"))
         out |= {f"slice/{name}/{k}": v for k, v in sm.items()}
         counts[f"slice/{name}/n_queries"] = sn
     return out, counts
@@ -131,9 +139,12 @@ def saliency_summary(model_dir: str, test_notes: pd.DataFrame, test_pairs: pd.Da
 
 
 def run(canonical_dir: str, embeddings_dir: str, out_dir: str, cfg: EvalConfig, *,
-        model_dir: str = "", index_dir: str = "") -> dict:
+        model_dir: str = "", index_dir: str = "", champion_dir: str = "",
+        champion_version: str = "") -> dict:
     """metrics.json, report.md and charts in ``out_dir``. With ``model_dir`` also the saliency
-    summary; with ``index_dir`` also R@K through the built index (``index/R@K``)."""
+    summary; with ``index_dir`` also R@K through the built index (``index/R@K``); with
+    ``champion_dir`` (a saved NoteLLM-2 model) the champion's R@K on the same queries and the
+    paired-bootstrap differences (``champion/…``, ``delta/…``)."""
     notes, pairs, manifest = load_canonical(canonical_dir)
     table, vectors = read_vectors(storage.join(embeddings_dir, "notes.parquet"))
     test_split = "test" if "test" in notes else next(iter(notes))
@@ -149,27 +160,58 @@ def run(canonical_dir: str, embeddings_dir: str, out_dir: str, cfg: EvalConfig, 
         by_length, extra["length_threshold_chars"] = length_slices(
             pairs["test"], notes[test_split], cfg.length_threshold_chars)
         slices |= by_length
-    metrics, counts = _protocol(pairs["test"], test_ids, test_vecs, cfg, slices, index_dir)
+    ranks: dict[str, list] = {}
+    metrics, counts = _protocol(pairs["test"], test_ids, test_vecs, cfg, slices, index_dir, ranks)
     counts |= extra
+    probe_vecs = {}
     if cfg.probes:
-        for probe in ("text_only", "image_only"):
+        for probe in PROBES:
             uri = storage.join(embeddings_dir, f"probe_{probe}.parquet")
             if not storage.exists(uri):
                 raise FileNotFoundError(f"probe embeddings {uri} missing; embed with probes on")
             ptable, pvecs = read_vectors(uri)
             ppos = {nid: i for i, nid in enumerate(ptable["note_id"])}
-            pm, _ = _protocol(pairs["test"], test_ids, pvecs[[ppos[n] for n in test_ids]], cfg,
-                              slices)
+            probe_vecs[probe] = pvecs[[ppos[n] for n in test_ids]]
+            pm, _ = _protocol(pairs["test"], test_ids, probe_vecs[probe], cfg, slices,
+                              ranks=(pr := {}))
+            ranks[f"probe/{probe}"] = pr.get("", [])
             metrics |= {f"probe/{probe}/{k}": v for k, v in pm.items()}
     if model_dir and cfg.saliency_pairs > 0:
         metrics |= saliency_summary(model_dir, notes[test_split], pairs["test"],
                                     cfg.saliency_pairs)
+    if champion_dir:
+        metrics |= _versus_champion(champion_dir, notes[test_split], pairs["test"], test_ids,
+                                    slices, sorted(probe_vecs), ranks, counts["pool_size"], cfg)
+        counts["champion_version"] = champion_version
     result = {**metrics, **counts, "ties": "pessimistic", "status": "complete"}
     storage.write_text(storage.join(out_dir, "metrics.json"), json.dumps(result, indent=2))
     storage.write_text(storage.join(out_dir, "report.md"), report_markdown(result, manifest))
     _chart(result, out_dir)
     log.info("evaluation: %s", {k: round(v, 4) for k, v in metrics.items() if "/" not in k})
     return result
+
+
+def _versus_champion(champion_dir, test_notes, test_pairs, test_ids, slices, probes,
+                     ranks: dict[str, list], pool_size: int, cfg: EvalConfig) -> dict:
+    """Embed the test notes with the champion and compare on the identical queries."""
+    from components.common.notes import LazyNotes
+    from components.evaluate.compare import compare_ranks
+    from model import NoteLLM2, encode
+
+    with storage.local_copy(champion_dir) as local:
+        champion = NoteLLM2.from_pretrained(local)
+    lazy = LazyNotes(test_notes)
+    theirs: dict[str, list] = {}
+    vecs = encode(champion, lazy, progress=False, desc="embed (champion)")
+    _protocol(test_pairs, test_ids, vecs, cfg, slices, ranks=theirs)
+    for probe in probes:
+        pv = encode(champion, lazy, probe=probe, progress=False)
+        _protocol(test_pairs, test_ids, pv, cfg, {}, ranks=(pr := {}))
+        theirs[f"probe/{probe}"] = pr.get("", [])
+    first = {k: v[0] for k, v in ranks.items() if v}
+    return compare_ranks(first, {k: v[0] for k, v in theirs.items() if v}, cfg.ks, pool_size,
+                         resamples=cfg.bootstrap_resamples, seed=cfg.bootstrap_seed,
+                         level=cfg.ci_level)
 
 
 def groups(metrics: dict) -> dict[str, dict[int, float]]:
@@ -201,6 +243,8 @@ def report_markdown(result: dict, manifest: dict) -> str:
                 f"{series[k]:.4f}" if k in series else "" for k in ks) + " |")
         lines += ["", "![recall@K](recall_at_k.png)", "",
                   "![probes and slices](probes_slices.png)", ""]
+    if "champion_version" in result:
+        lines += _comparison_markdown(result)
     if "saliency/image_share" in result:
         lines += [f"Saliency over {result['saliency/pairs']} test pairs (share of the final "
                   "token's attention×gradient flow, summed over layers): image "
@@ -210,6 +254,25 @@ def report_markdown(result: dict, manifest: dict) -> str:
               + " notes; " + ", ".join(f"{k} {v}" for k, v in manifest.get("pairs", {}).items())
               + " pairs.", ""]
     return "\n".join(lines)
+
+
+def _comparison_markdown(result: dict) -> list[str]:
+    """Challenger vs champion per set, with the paired-bootstrap interval of each difference."""
+    rows = ["## Challenger vs champion", "",
+            f"Champion: version {result['champion_version']}; the same queries and candidate "
+            "pool for both; Δ = challenger − champion with a paired-bootstrap interval.", "",
+            "| set | K | challenger | champion | Δ | interval |", "| --- | --- | --- | --- | --- | --- |"]
+    for key in result:
+        if not key.startswith("delta/") or key.endswith(("ci_low", "ci_high")):
+            continue
+        name, _, k = key[len("delta/"):].rpartition("/")
+        mine = result.get(f"{name}/{k}" if name else k)
+        if mine is None:
+            continue
+        rows.append(f"| {name or 'overall'} | {k[2:]} | {mine:.4f} | "
+                    f"{result['champion/' + key[len('delta/'):]]:.4f} | {result[key]:+.4f} | "
+                    f"[{result[key + '/ci_low']:+.4f}, {result[key + '/ci_high']:+.4f}] |")
+    return rows + [""]
 
 
 def _chart(result: dict, out_dir: str) -> None:
@@ -223,8 +286,9 @@ def _chart(result: dict, out_dir: str) -> None:
         return
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for name, series in g.items():
-        if name.startswith("probe/") and "/slice/" in name:
-            continue  # in the bar chart
+        if (name.startswith("probe/") and "/slice/" in name) or name.startswith(
+                ("delta", "champion/")):
+            continue  # probe slices are in the bar chart, comparisons in the report's table
         ks = sorted(series)
         ax.plot(ks, [series[k] for k in ks], marker="o", label=name,
                 linestyle="--" if name.startswith("probe/") else "-")

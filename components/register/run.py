@@ -10,6 +10,7 @@ import tempfile
 
 from components.common import storage, tracking
 from components.common.config import RegisterConfig
+from components.register import promote
 
 log = logging.getLogger(__name__)
 SERVING = os.path.join(os.path.dirname(__file__), "serving.py")
@@ -28,8 +29,19 @@ def _signature(dim: int):
                                                                     (-1, dim))]))
 
 
+def _arm(client, name: str, version: str) -> dict:
+    """What the A/B plan needs of a registered version, from its tags."""
+    mv = client.get_model_version(name, version)
+    return {"version": str(version), "model_uri": f"models:/{name}/{version}",
+            "index_uri": f"runs:/{mv.run_id}/index", "dim": int(mv.tags.get("embed_dim", 0)),
+            "index_params": json.loads(mv.tags.get("index_params", "{}"))}
+
+
 def run(model_dir: str, eval_dir: str, index_dir: str, cfg: RegisterConfig, *,
-        tracking_uri: str, run_id: str, package_version: str) -> dict:
+        tracking_uri: str, run_id: str, package_version: str, decision_dir: str = "") -> dict:
+    """Register the version (alias ``challenger``), decide on promotion (tags, decision.md) and
+    write the A/B plan (ab_plan.json, ab_plan.md) to ``decision_dir``. Returns name, version,
+    alias, model_uri and decision ("promote" or "hold")."""
     import mlflow
 
     metrics = json.loads(storage.read_text(storage.join(eval_dir, "metrics.json")))
@@ -60,7 +72,29 @@ def run(model_dir: str, eval_dir: str, index_dir: str, cfg: RegisterConfig, *,
         if key in metrics:
             client.set_model_version_tag(cfg.model_name, version, tracking.metric_key(key),
                                          str(metrics[key]))
-    client.set_model_version_tag(cfg.model_name, version, "run_id", run_id)
-    log.info("registered %s version %s with alias %r", cfg.model_name, version, cfg.alias)
+    index_meta = json.loads(storage.read_text(storage.join(index_dir, "index.json")))
+    tags = {"run_id": run_id, "embed_dim": str(dim), "evaluation_status": metrics["status"],
+            "index_params": json.dumps({k: index_meta.get(k) for k in (
+                "factory", "search_params", "recall", "recall_k") if k in index_meta})}
+    decision = promote.decide(metrics, cfg)
+    tags |= promote.decision_tags(decision, cfg)
+    for key, value in tags.items():
+        client.set_model_version_tag(cfg.model_name, version, key, value)
+    log.info("registered %s version %s with alias %r; gate: %s (%s)", cfg.model_name, version,
+             cfg.alias, decision.verdict, "; ".join(decision.reasons))
+    if decision_dir:
+        champion = (_arm(client, cfg.model_name, decision.champion_version)
+                    if decision.champion_version else None)
+        plan = promote.ab_plan(metrics, decision, cfg, _arm(client, cfg.model_name, version),
+                               champion)
+        storage.write_text(storage.join(decision_dir, "decision.md"),
+                           decision.markdown(promote.rule_text(cfg)))
+        storage.write_text(storage.join(decision_dir, "decision.json"), json.dumps(
+            {"name": cfg.model_name, "version": version, "decision": decision.verdict,
+             "reasons": decision.reasons,
+             "metric": decision.metric, "champion_version": decision.champion_version},
+            indent=2))
+        storage.write_text(storage.join(decision_dir, "ab_plan.json"), json.dumps(plan, indent=2))
+        storage.write_text(storage.join(decision_dir, "ab_plan.md"), promote.ab_markdown(plan))
     return {"name": cfg.model_name, "version": version, "alias": cfg.alias,
-            "model_uri": f"models:/{cfg.model_name}@{cfg.alias}"}
+            "model_uri": f"models:/{cfg.model_name}@{cfg.alias}", "decision": decision.verdict}

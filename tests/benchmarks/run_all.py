@@ -1,6 +1,7 @@
 """`make bench`: speed figures with same-run baselines. Prints a table; nothing is asserted.
 
   exact R@K: counting ranks (ours)      vs  sorting every query's scores (reference style)
+  paired bootstrap (champion vs challenger) count-matrix products vs a loop over resamples
   official CSV reader (notes/s)          vs  pandas.read_csv on the same file (no topic parsing)
   tiny-model encode (notes/s, CPU)       length-sorted vs unsorted batches, skewed lengths
   pair mining from events                 NumPy window search vs a DuckDB range join
@@ -67,6 +68,28 @@ def bench_ranks(pool_n: int, queries_n: int, repeat: int) -> list[tuple]:
              f"{t_ref:.3f} s (argsort)", f"{t_ref / t_ours:.1f}x",
              f"agree {agree:.4f}; GEMM floor {t_gemm:.3f} s ({gflops:.0f} GFLOP/s), ours "
              f"{t_ours / t_gemm:.2f}x the floor")]
+
+
+def bench_bootstrap(queries_n: int, resamples: int, repeat: int) -> list[tuple]:
+    from components.evaluate.compare import paired_bootstrap, paired_bootstrap_loop
+
+    rng = np.random.default_rng(0)
+    ks = np.array([10, 20, 50, 100, 1000, 10000, 100000, 1000000])
+    ranks_a = rng.integers(0, 200_000, queries_n)
+    ranks_b = np.maximum(0, ranks_a + rng.integers(-50, 60, queries_n))
+    a, b = ranks_a[:, None] < ks, ranks_b[:, None] < ks  # (n, 8) hits
+
+    def ours():
+        return paired_bootstrap(a, b, resamples=resamples)
+
+    def loop():
+        return paired_bootstrap_loop(a, b, resamples=resamples)
+
+    same = all(np.allclose(x, y, atol=1e-6) for x, y in zip(ours(), loop(), strict=True))
+    t_ours, t_loop = timeit(ours, repeat), timeit(loop, repeat)
+    return [(f"paired bootstrap, {resamples} resamples x {queries_n} queries x {len(ks)} K",
+             f"{t_ours:.3f} s", f"{t_loop:.3f} s (Python loop over resamples)",
+             f"{t_loop / t_ours:.1f}x", f"same intervals {same}")]
 
 
 def bench_reader(n: int, repeat: int) -> list[tuple]:
@@ -143,6 +166,7 @@ def main() -> None:
     repeat = 1 if args.quick else 3
     rows = []
     rows += bench_ranks(20_000 if args.quick else 100_000, 1000 if args.quick else 5000, repeat)
+    rows += bench_bootstrap(20_000, 200 if args.quick else 1000, repeat)
     rows += bench_reader(20_000 if args.quick else 200_000, repeat)
     rows += bench_encode(256 if args.quick else 1024, repeat)
     from bench_mine_pairs import bench_mine

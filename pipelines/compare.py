@@ -1,0 +1,58 @@
+"""``notellm2 compare``: two models on the same test queries of one data folder."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from components.common.config import resolve
+
+
+def model_dir(ref: str, tracking_uri: str | None) -> str:
+    """A local NoteLLM-2 model folder for ``models:/…``, ``runs:/…`` or a folder path."""
+    if os.path.isdir(ref):
+        return ref
+    if not ref.startswith(("models:/", "runs:/")):
+        raise ValueError(f"{ref!r} is neither a model folder nor a models:/ or runs:/ URI")
+    import mlflow
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    local = mlflow.artifacts.download_artifacts(artifact_uri=ref,
+                                                dst_path=tempfile.mkdtemp(prefix="notellm2-"))
+    path = os.path.join(local, "artifacts", "model")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{ref} holds no NoteLLM-2 model under artifacts/model")
+    return path
+
+
+def compare_models(a: str, b: str, data: str, out: str | None = None, *,
+                   tracking_uri: str | None = None) -> str:
+    """Embed the test notes with A, evaluate A against B (as the champion) on identical
+    queries; returns the comparison table (also in ``out``/report.md)."""
+    from components.common.readers import read_dataset, write_canonical
+    from components.embed.run import run as embed
+    from components.evaluate.run import run as evaluate
+
+    cfg = resolve("tiny", ["embed.scope=test"])
+    work = out or tempfile.mkdtemp(prefix="notellm2-compare-")
+    canon = os.path.join(work, "canonical")
+    write_canonical(read_dataset(data), canon)
+    dir_a, dir_b = model_dir(a, tracking_uri), model_dir(b, tracking_uri)
+    embed(canon, dir_a, os.path.join(work, "embeddings"), cfg, progress=True)
+    m = evaluate(canon, os.path.join(work, "embeddings"), work, cfg.eval, champion_dir=dir_b,
+                 champion_version=b)
+    lines = [f"A = {a}\nB = {b}\nqueries: {m['n_queries']}, candidate pool: {m['pool_size']}",
+             f"{'set':<28}{'K':>7}{'A':>9}{'B':>9}{'A-B':>9}  interval"]
+    for key, value in m.items():
+        if not key.startswith("delta/") or key.endswith(("ci_low", "ci_high")):
+            continue
+        name, _, k = key[len("delta/"):].rpartition("/")
+        mine = m.get(f"{name}/{k}" if name else k)
+        if mine is None:
+            continue
+        lines.append(f"{name or 'overall':<28}{k[2:]:>7}{mine:>9.4f}"
+                     f"{m['champion/' + key[len('delta/'):]]:>9.4f}{value:>+9.4f}  "
+                     f"[{m[key + '/ci_low']:+.4f}, {m[key + '/ci_high']:+.4f}]")
+    lines.append(f"\nreport: {os.path.join(work, 'report.md')}")
+    return "\n".join(lines)

@@ -1,0 +1,111 @@
+"""The registered model behind a real ``mlflow models serve``: the REST answer for a few test
+notes equals what the pipeline's embed step wrote for them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+FAST = ("train.max_steps=15", "train.batch_pairs=8", "train.val_every=10")
+MODEL_URI = "models:/notellm2@challenger"
+
+
+@pytest.fixture(scope="module")
+def pipeline_work(demo_dir, tmp_path_factory) -> str:
+    """One pipeline run, its MLflow store in the work folder."""
+    from pipelines.local import run_local
+
+    work = str(tmp_path_factory.mktemp("serving") / "work")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        run_local(demo_dir, work, overrides=FAST)
+    return work
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, log_path: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            with open(log_path) as f:
+                pytest.fail(f"mlflow models serve exited with {proc.returncode}:\n{f.read()[-4000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.5)
+    with open(log_path) as f:
+        pytest.fail(f"no answer on {url} after {timeout:.0f} s:\n{f.read()[-4000:]}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End the server's process group (the CLI and the scoring server it started)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=20)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def test_served_model_returns_the_embed_step_vectors(pipeline_work, demo_dir, tmp_path):
+    from components.common.readers import read_dataset
+    from components.embed.run import read_vectors
+
+    test = read_dataset(demo_dir).notes["test"].head(4)
+    rows = test.assign(topics=test["topics"].map(",".join))[
+        ["title", "content", "topics", "image_uri"]]
+    assert rows["image_uri"].map(bool).any(), "no test note with an image"
+
+    port = _free_port()
+    # the CLI execs `uvicorn` from PATH: put this environment's scripts first, as activating it
+    # would (the tests may run with the venv's python without an activated venv)
+    bin_dir = os.path.dirname(sys.executable)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{pipeline_work}/mlflow.db",
+           "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
+    log_path = str(tmp_path / "serve.log")
+    with open(log_path, "w") as log:
+        # its own session: the scoring server runs as a child of the CLI and goes with it
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "models", "serve", "-m", MODEL_URI,
+             "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+            env=env, cwd=str(tmp_path), stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    try:
+        _wait_ready(f"http://127.0.0.1:{port}/ping", proc, log_path)
+        body = json.dumps({"dataframe_split": rows.to_dict(orient="split", index=False)})
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body.encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            served = np.asarray(json.loads(r.read())["predictions"], dtype=np.float32)
+    finally:
+        _stop(proc)
+
+    table, vectors = read_vectors(os.path.join(pipeline_work, "embeddings", "notes.parquet"))
+    row_of = {n: i for i, n in enumerate(table["note_id"])}
+    expected = vectors[[row_of[n] for n in test["note_id"]]]
+    assert served.shape == expected.shape and served.shape[1] > 0
+    np.testing.assert_allclose(served, expected, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(served, axis=1), 1.0, atol=1e-5)
