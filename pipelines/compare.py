@@ -32,6 +32,7 @@ def compare_models(a: str, b: str, data: str, out: str | None = None, *,
     queries; returns the comparison table (also in ``out``/report.md)."""
     from components.common.readers import read_dataset, write_canonical
     from components.embed.run import run as embed
+    from components.evaluate.compare import comparison_rows
     from components.evaluate.run import run as evaluate
 
     cfg = resolve("tiny", ["embed.scope=test"])
@@ -44,15 +45,7 @@ def compare_models(a: str, b: str, data: str, out: str | None = None, *,
                  champion_version=b)
     lines = [f"A = {a}\nB = {b}\nqueries: {m['n_queries']}, candidate pool: {m['pool_size']}",
              f"{'set':<28}{'K':>7}{'A':>9}{'B':>9}{'A-B':>9}  interval"]
-    for key, value in m.items():
-        if not key.startswith("delta/") or key.endswith(("ci_low", "ci_high")):
-            continue
-        name, _, k = key[len("delta/"):].rpartition("/")
-        mine = m.get(f"{name}/{k}" if name else k)
-        if mine is None:
-            continue
-        lines.append(f"{name or 'overall':<28}{k[2:]:>7}{mine:>9.4f}"
-                     f"{m['champion/' + key[len('delta/'):]]:>9.4f}{value:>+9.4f}  "
-                     f"[{m[key + '/ci_low']:+.4f}, {m[key + '/ci_high']:+.4f}]")
+    lines += [f"{name:<28}{k:>7}{mine:>9.4f}{theirs:>9.4f}{d:>+9.4f}  [{lo:+.4f}, {hi:+.4f}]"
+              for name, k, mine, theirs, d, lo, hi in comparison_rows(m)]
     lines.append(f"\nreport: {os.path.join(work, 'report.md')}")
     return "\n".join(lines)

@@ -82,6 +82,22 @@ def compare_ranks(challenger: dict[str, np.ndarray], champion: dict[str, np.ndar
     return out
 
 
+def comparison_rows(metrics: dict) -> list[tuple[str, int, float, float, float, float, float]]:
+    """(set, K, challenger, champion, Δ, interval low, interval high) for every compared R@K
+    in a metrics file; the set is "overall" for the main protocol."""
+    rows = []
+    for key, delta in metrics.items():
+        if not key.startswith("delta/") or key.endswith(("ci_low", "ci_high")):
+            continue
+        name, _, k = key[len("delta/"):].rpartition("/")
+        mine = metrics.get(f"{name}/{k}" if name else k)
+        if mine is not None:
+            rows.append((name or "overall", int(k[2:]), mine,
+                         metrics["champion/" + key[len("delta/"):]], delta,
+                         metrics[key + "/ci_low"], metrics[key + "/ci_high"]))
+    return rows
+
+
 def find_champion(tracking_uri: str, model_name: str, alias: str = "champion"
                   ) -> tuple[str, str] | None:
     """(version, local folder of its NoteLLM-2 model) of ``model_name@alias``, or None when the

@@ -262,16 +262,10 @@ def _comparison_markdown(result: dict) -> list[str]:
             f"Champion: version {result['champion_version']}; the same queries and candidate "
             "pool for both; Δ = challenger − champion with a paired-bootstrap interval.", "",
             "| set | K | challenger | champion | Δ | interval |", "| --- | --- | --- | --- | --- | --- |"]
-    for key in result:
-        if not key.startswith("delta/") or key.endswith(("ci_low", "ci_high")):
-            continue
-        name, _, k = key[len("delta/"):].rpartition("/")
-        mine = result.get(f"{name}/{k}" if name else k)
-        if mine is None:
-            continue
-        rows.append(f"| {name or 'overall'} | {k[2:]} | {mine:.4f} | "
-                    f"{result['champion/' + key[len('delta/'):]]:.4f} | {result[key]:+.4f} | "
-                    f"[{result[key + '/ci_low']:+.4f}, {result[key + '/ci_high']:+.4f}] |")
+    from components.evaluate.compare import comparison_rows
+
+    rows += [f"| {name} | {k} | {mine:.4f} | {theirs:.4f} | {d:+.4f} | [{lo:+.4f}, {hi:+.4f}] |"
+             for name, k, mine, theirs, d, lo, hi in comparison_rows(result)]
     return rows + [""]
 
 
