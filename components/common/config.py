@@ -122,7 +122,7 @@ class IndexConfig:
 
     # a FAISS index factory string ("Flat", "IVF2048,Flat", "HNSW32", ...) or "auto":
     # exact "Flat" up to `flat_max` vectors, above it "IVF{nlist},Flat" with nlist the power of
-    # two nearest 2*sqrt(N) (and at most N/39, FAISS's floor of training points per list)
+    # two nearest 4*sqrt(N) (and at most N/39, FAISS's floor of training points per list)
     factory: str = "auto"
     flat_max: int = 200_000
     # lists searched per query; 0 = the smallest on a ladder of +19 % steps (1, 2, 3, ..., 8, 10,

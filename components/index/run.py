@@ -10,7 +10,7 @@ Writes to the output folder
 and :func:`load_index` reads them back with the recorded search parameters applied.
 
 The factory string comes from ``IndexConfig.factory``; ``"auto"`` is exact ``Flat`` up to
-``flat_max`` vectors and ``IVF{nlist},Flat`` above, nlist the power of two nearest 2·√N. The
+``flat_max`` vectors and ``IVF{nlist},Flat`` above, nlist the power of two nearest 4·√N. The
 number of lists searched (``nprobe``; ``efSearch`` for HNSW) is, unless fixed in the config, the
 smallest on a ladder whose recall@K vs exact search, on a sample of collection vectors used as
 queries, reaches ``target_recall``; the recall stored is then measured on a second, disjoint
@@ -50,9 +50,11 @@ _SCORE_EPS = 1e-5  # an index's neighbour scoring within this of the K-th exact 
 # -- choosing the index ---------------------------------------------------------------------
 
 def auto_nlist(n: int) -> int:
-    """Lists of the auto IVF index: the power of two nearest 2·√n, with at least 39 vectors per
-    list (FAISS's k-means warns below that)."""
-    nlist = 2 ** round(math.log2(max(1.0, 2 * math.sqrt(n))))
+    """Lists of the auto IVF index: the power of two nearest 4·√n, with at least 39 vectors per
+    list (FAISS's k-means warns below that). At 1M clustered 64-d vectors on 2 cores, 4096
+    lists searched 10.7× faster than exact search at recall@100 0.957 (build 12.5 s); 2048
+    lists, 9.2× at 0.964 (build 4.3 s)."""
+    nlist = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(n))))
     while nlist > 1 and n < 39 * nlist:
         nlist //= 2
     return nlist

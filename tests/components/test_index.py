@@ -58,9 +58,9 @@ def test_flat_recall_check_is_one(clustered):
 
 def test_auto_rule():
     assert resolve_factory("auto", 200_000, 200_000) == "Flat"
-    assert resolve_factory("auto", 200_001, 200_000) == "IVF1024,Flat"
-    assert auto_nlist(1_000_000) == 2048  # power of two nearest 2*sqrt(N)
-    assert auto_nlist(10_000_000) == 8192
+    assert resolve_factory("auto", 200_001, 200_000) == "IVF2048,Flat"
+    assert auto_nlist(1_000_000) == 4096  # power of two nearest 4*sqrt(N)
+    assert auto_nlist(10_000_000) == 16384
     assert auto_nlist(4_000) == 64  # at least 39 training vectors per list
     assert resolve_factory(" IVF64,SQ8 ", 10, 5) == "IVF64,SQ8"  # explicit strings kept
 
