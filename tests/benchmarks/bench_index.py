@@ -24,6 +24,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def clustered_unit_vectors(n: int, d: int = 64, clusters: int = 2000, topics: int = 100,
@@ -138,11 +139,9 @@ def main() -> None:
     args = ap.parse_args()
     repeat = 1 if args.quick else 3
     rows = (bench_index(repeat, 100_000, 2_000) if args.quick else bench_index(repeat))
-    header = ("benchmark", "ours (median)", "baseline (median)", "ratio", "note")
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for r in [header, *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)))
-    print(f"\nmachine: {os.cpu_count()} cores; medians of {repeat} run(s)")
+    from table import print_table
+
+    print_table(rows, repeat)
 
 
 if __name__ == "__main__":

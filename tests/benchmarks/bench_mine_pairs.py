@@ -23,6 +23,7 @@ import pandas as pd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 WINDOW_S = 3600.0
 # directed scores as SQL; the equality on user_id makes it a hash join with a range residual
@@ -131,11 +132,9 @@ def main() -> None:
     args = ap.parse_args()
     repeat = 1 if args.quick else 5
     rows = bench_mine(repeat, (20_000, 200_000) if args.quick else (200_000, 2_000_000))
-    header = ("benchmark", "ours (median)", "baseline (median)", "ratio", "note")
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for r in [header, *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)))
-    print(f"\nmachine: {os.cpu_count()} cores; medians of {repeat} run(s)")
+    from table import print_table
+
+    print_table(rows, repeat)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 NOTES = 400  # demo notes: ~100 training pairs, enough for 2 x 32 pairs a step
 
@@ -146,11 +147,9 @@ def main() -> None:
     args = ap.parse_args()
     repeat = 1 if args.quick else 3
     rows = bench_train(repeat, steps=20 if args.quick else 40)
-    header = ("benchmark", "ours (median)", "baseline (median)", "ratio", "note")
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for r in [header, *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)))
-    print(f"\nmachine: {os.cpu_count()} cores; medians of {repeat} run(s)")
+    from table import print_table
+
+    print_table(rows, repeat)
 
 
 if __name__ == "__main__":

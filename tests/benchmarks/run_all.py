@@ -181,11 +181,9 @@ def main() -> None:
     from bench_embed import bench_embed
 
     rows += bench_embed(repeat, 300 if args.quick else 1000)
-    header = ("benchmark", "ours (median)", "baseline (median)", "ratio", "note")
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for r in [header, *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)))
-    print(f"\nmachine: {os.cpu_count()} cores; medians of {repeat} run(s)")
+    from table import print_table
+
+    print_table(rows, repeat)
 
 
 if __name__ == "__main__":
