@@ -162,12 +162,14 @@ def _publish(out: dict, work: str) -> None:
 
 
 def summary_table(metrics: dict) -> str:
-    """R@K per set (overall, slices, probes) as an aligned text table."""
+    """R@K per set (overall, index, slices, probes, the champion's overall) as an aligned text
+    table; the per-slice probes and the comparison with intervals are in report.md."""
     from components.evaluate.run import groups
 
     # probes per slice stay in report.md and the bar chart; here the headline sets
     g = {n: s for n, s in groups(metrics).items()
-         if not (n.startswith("probe/") and "/slice/" in n)}
+         if not (n.startswith("probe/") and "/slice/" in n) and not n.startswith(
+             ("delta", "champion/"))}
     ks = sorted({k for s in g.values() for k in s})
     if not ks:
         return (f"no R@K: the candidate pool ({metrics.get('pool_size', 0)} notes) is smaller "
