@@ -89,20 +89,22 @@ def run_local(data: str, work: str, *, preset: str = "tiny", overrides: tuple[st
 
     local.init(runner=local.SubprocessRunner(use_venv=False),
                pipeline_root=os.path.join(work, "pipeline_root"), raise_on_error=True)
+    root = os.path.join(work, "pipeline_root")
+    before = set(os.listdir(root)) if os.path.isdir(root) else set()
     with warnings.catch_warnings(), _Tee() as tee:
         warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
         try:
-            task = notellm2_pipeline(data_uri=data, preset=preset, overrides=list(overrides),
-                                     mlflow_tracking_uri=uri, mlflow_experiment=experiment,
-                                     run_name=run_name)
+            notellm2_pipeline(data_uri=data, preset=preset, overrides=list(overrides),
+                              mlflow_tracking_uri=uri, mlflow_experiment=experiment,
+                              run_name=run_name)
         except RuntimeError as e:
             cause = tee.last_exception()
             raise PipelineFailed(_plain(str(e)) + (f"\n{cause}" if cause else "")) from None
-    out = task.outputs
+    out = _outputs(root, before)
     _publish(out, work)
     with open(os.path.join(work, "metrics.json")) as f:
         metrics = json.load(f)
-    with open(os.path.join(out["decision"].path, "decision.json")) as f:
+    with open(os.path.join(out["decision"], "decision.json")) as f:
         decision = json.load(f)
     return LocalResult(work=work, metrics=metrics, tracking_uri=uri, decision=decision,
                        model_uri=f"models:/{decision['name']}/{decision['version']}")
@@ -151,14 +153,34 @@ def _plain(msg: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", msg)
 
 
-def _publish(out: dict, work: str) -> None:
+# where kfp.local leaves each result: <pipeline root>/<pipeline>-<time>/<task>/<output>
+OUTPUTS = {"model": ("train", "model"), "embeddings": ("merge-embeddings", "embeddings"),
+           "index": ("index", "index"), "evaluation": ("evaluate", "evaluation"),
+           "decision": ("register", "decision")}
+
+
+def _outputs(root: str, before: set[str]) -> dict[str, str]:
+    """The result folders of the run that just finished (the pipeline returns none: KFP takes
+    no pipeline outputs from inside its ExitHandler)."""
+    new = sorted(set(os.listdir(root)) - before)
+    if len(new) != 1:
+        raise PipelineFailed(f"expected one new run folder under {root}, found {new}")
+    run = os.path.join(root, new[0])
+    out = {key: os.path.join(run, task, name) for key, (task, name) in OUTPUTS.items()}
+    missing = [p for p in out.values() if not os.path.exists(p)]
+    if missing:
+        raise PipelineFailed(f"the run finished but left no {', '.join(missing)}")
+    return out
+
+
+def _publish(out: dict[str, str], work: str) -> None:
     """Copy the pipeline's outputs into the work-folder layout (only after every task passed)."""
-    ev = out["evaluation"].path
+    ev = out["evaluation"]
     for name in ("metrics.json", "report.md", "recall_at_k.png", "probes_slices.png"):
         if os.path.exists(os.path.join(ev, name)):
             shutil.copyfile(os.path.join(ev, name), os.path.join(work, name))
     for key in ("model", "embeddings", "index", "decision"):
-        shutil.copytree(out[key].path, os.path.join(work, key))
+        shutil.copytree(out[key], os.path.join(work, key))
 
 
 def summary_table(metrics: dict) -> str:

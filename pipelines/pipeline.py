@@ -10,16 +10,14 @@ downstream runs and nothing is registered; the later steps read validate's outpu
 without the notes it dropped.
 """
 
-from typing import NamedTuple
-
 from kfp import dsl, kubernetes
-from kfp.dsl import Artifact, Dataset, Model, PipelineTask
+from kfp.dsl import PipelineTask
 
 from components.common.image import component_image
 from components.embed.component import embed, merge_embeddings, shard_plan
 from components.evaluate.component import evaluate
 from components.index.component import index
-from components.ingest.component import ingest
+from components.ingest.component import finish_run, ingest
 from components.mine_pairs.component import mine_pairs
 from components.register.component import promote, register
 from components.train.component import train
@@ -55,14 +53,6 @@ def _platform(task: PipelineTask, *, node_selector=None, tolerations=None,
     return task
 
 
-class Outputs(NamedTuple):
-    model: Model
-    embeddings: Dataset
-    index: Artifact
-    evaluation: Artifact
-    decision: Artifact
-
-
 def make_pipeline(*, resources: bool = True, kubernetes_settings: bool = False):
     """The pipeline.
 
@@ -90,7 +80,7 @@ def make_pipeline(*, resources: bool = True, kubernetes_settings: bool = False):
         embed_gpus: int = 0,
         node_selector: dict = {},  # noqa: B006
         tolerations: list = [],  # noqa: B006
-    ) -> Outputs:
+    ) -> None:
         """NoteLLM-2 end to end.
 
         Args:
@@ -106,51 +96,57 @@ def make_pipeline(*, resources: bool = True, kubernetes_settings: bool = False):
             node_selector: (compiled with --kubernetes) Node labels the train and embed pods must match, e.g. {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}.
             tolerations: (compiled with --kubernetes) Tolerations of the train and embed pods, e.g. [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}].
         """
-        ing = ingest(data_uri=data_uri, mlflow_tracking_uri=mlflow_tracking_uri,
-                     mlflow_experiment=mlflow_experiment, run_name=run_name,
-                     kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, image=component_image())
-        ing.set_display_name("ingest").set_caching_options(False)
-        common = {"preset": preset, "overrides": overrides}
-        tracked = {"mlflow_tracking_uri": mlflow_tracking_uri, "mlflow_run_id": ing.outputs["Output"]}
-        mine = mine_pairs(canonical=ing.outputs["canonical"], **common, **tracked)
-        mine.set_display_name("mine pairs").set_caching_options(False)
-        val = validate(canonical=mine.outputs["mined"], **common, **tracked)
-        val.set_display_name("validate").set_caching_options(False)
-        data = val.outputs["validated"]
-        tr = train(canonical=data, **common, **tracked)
-        tr.set_display_name("train")
-        # a TrainJob launched from this task runs the image this pipeline was compiled for
-        tr.set_env_variable("NOTELLM2_IMAGE", component_image())
-        gpus(tr, accelerator_type, train_gpus)
-        place(tr, node_selector=node_selector, tolerations=tolerations, shm_size="16Gi")
-        plan = shard_plan(**common)
-        plan.set_display_name("plan embed shards")
-        with dsl.ParallelFor(plan.output, name="embed-shards") as shard:
-            part = embed(canonical=data, model=tr.outputs["model"], shard_index=shard, **common)
-            part.set_display_name("embed shard")
-            gpus(part, accelerator_type, embed_gpus)
-            place(part, node_selector=node_selector, tolerations=tolerations, shm_size="4Gi")
-        emb = merge_embeddings(shards=dsl.Collected(part.outputs["embeddings"]))
-        emb.set_display_name("merge embeddings")
-        idx = index(embeddings=emb.outputs["embeddings"], **common)
-        idx.set_display_name("index")
-        ev = evaluate(canonical=data, embeddings=emb.outputs["embeddings"],
-                      model=tr.outputs["model"], index=idx.outputs["index"],
-                      mlflow_tracking_uri=mlflow_tracking_uri, **common)
-        ev.set_display_name("evaluate")
-        reg = register(model=tr.outputs["model"], evaluation=ev.outputs["evaluation"],
-                       index=idx.outputs["index"], **common, **tracked)
-        reg.set_display_name("register").set_caching_options(False)
-        with dsl.If(reg.outputs["Output"] == "promote", name="gate passed"):
-            prom = promote(decision=reg.outputs["decision"],
-                           mlflow_tracking_uri=mlflow_tracking_uri, **common)
-            prom.set_display_name("promote to champion").set_caching_options(False)
-            place(prom)
-        for task in (ing, mine, val, plan, emb, idx, ev, reg):
-            place(task)
-        return Outputs(model=tr.outputs["model"], embeddings=emb.outputs["embeddings"],
-                       index=idx.outputs["index"], evaluation=ev.outputs["evaluation"],
-                       decision=reg.outputs["decision"])
+        fin = finish_run(mlflow_tracking_uri=mlflow_tracking_uri,
+                         mlflow_experiment=mlflow_experiment,
+                         kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+        fin.set_display_name("close MLflow run").set_caching_options(False)
+        place(fin)
+        # KFP takes no pipeline outputs from inside an ExitHandler: results are the tasks'
+        # artifacts (pipelines/local.py finds them under the pipeline root)
+        with dsl.ExitHandler(fin, name="tracked steps"):
+            ing = ingest(data_uri=data_uri, mlflow_tracking_uri=mlflow_tracking_uri,
+                         mlflow_experiment=mlflow_experiment, run_name=run_name,
+                         kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, image=component_image())
+            ing.set_display_name("ingest").set_caching_options(False)
+            common = {"preset": preset, "overrides": overrides}
+            tracked = {"mlflow_tracking_uri": mlflow_tracking_uri, "mlflow_run_id": ing.outputs["Output"]}
+            mine = mine_pairs(canonical=ing.outputs["canonical"], **common, **tracked)
+            mine.set_display_name("mine pairs").set_caching_options(False)
+            val = validate(canonical=mine.outputs["mined"], **common, **tracked)
+            val.set_display_name("validate").set_caching_options(False)
+            data = val.outputs["validated"]
+            tr = train(canonical=data, **common, **tracked)
+            tr.set_display_name("train")
+            # a TrainJob launched from this task runs the image this pipeline was compiled for
+            tr.set_env_variable("NOTELLM2_IMAGE", component_image())
+            gpus(tr, accelerator_type, train_gpus)
+            place(tr, node_selector=node_selector, tolerations=tolerations, shm_size="16Gi")
+            plan = shard_plan(**common)
+            plan.set_display_name("plan embed shards")
+            with dsl.ParallelFor(plan.output, name="embed-shards") as shard:
+                part = embed(canonical=data, model=tr.outputs["model"], shard_index=shard, **common)
+                part.set_display_name("embed shard")
+                gpus(part, accelerator_type, embed_gpus)
+                place(part, node_selector=node_selector, tolerations=tolerations, shm_size="4Gi")
+            emb = merge_embeddings(shards=dsl.Collected(part.outputs["embeddings"]))
+            emb.set_display_name("merge embeddings")
+            idx = index(embeddings=emb.outputs["embeddings"], **common)
+            idx.set_display_name("index")
+            ev = evaluate(canonical=data, embeddings=emb.outputs["embeddings"],
+                          model=tr.outputs["model"], index=idx.outputs["index"],
+                          mlflow_tracking_uri=mlflow_tracking_uri, **common)
+            ev.set_display_name("evaluate")
+            reg = register(model=tr.outputs["model"], evaluation=ev.outputs["evaluation"],
+                           index=idx.outputs["index"], **common, **tracked)
+            reg.set_display_name("register").set_caching_options(False)
+            with dsl.If(reg.outputs["Output"] == "promote", name="gate passed"):
+                prom = promote(decision=reg.outputs["decision"],
+                               mlflow_tracking_uri=mlflow_tracking_uri, **common)
+                prom.set_display_name("promote to champion").set_caching_options(False)
+                place(prom)
+            for task in (ing, mine, val, plan, emb, idx, ev, reg):
+                place(task)
+
 
     return notellm2_pipeline
 

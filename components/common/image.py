@@ -23,3 +23,19 @@ def component_image() -> str:
     if image.endswith(":latest") or ":" not in image.rsplit("/", 1)[-1]:
         raise ValueError(f"component image {image!r} must carry an explicit tag, not :latest")
     return image
+
+
+def git_sha() -> str:
+    """The source commit: ``$NOTELLM2_GIT_SHA`` (set in the image at build time), else the
+    checkout this package runs from, else "unknown"."""
+    sha = os.environ.get("NOTELLM2_GIT_SHA", "")
+    if sha and sha != "unknown":
+        return sha
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(__file__),
+                              capture_output=True, text=True, timeout=5,
+                              check=True).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

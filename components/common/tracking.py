@@ -57,3 +57,27 @@ def create_run(uri: str, experiment: str, run_name: str, tags: dict[str, str]) -
                             tags={k: v for k, v in tags.items() if v})
     client.set_terminated(run.info.run_id, status="FINISHED")
     return run.info.run_id
+
+
+def finish_run(uri: str, experiment: str, kfp_run_id: str, state: str, error: str = "") -> str:
+    """The pipeline's exit handler: find the pipeline's run by its ``kfp_run_id`` tag, record
+    KFP's final state on it and mark it FAILED unless every task succeeded (also when a pod
+    died without running any Python). Returns the MLflow status set, or "" when ingest failed
+    before creating a run."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri(uri))
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], f"tags.kfp_run_id = '{kfp_run_id}'",
+                              max_results=1) if exp else []
+    if not runs:
+        return ""
+    run_id = runs[0].info.run_id
+    client.set_tag(run_id, "kfp_final_state", state)
+    if state == "SUCCEEDED":
+        client.set_terminated(run_id, status="FINISHED")
+        return "FINISHED"
+    if error:
+        client.set_tag(run_id, "kfp_error", error[:5000])
+    client.set_terminated(run_id, status="FAILED")
+    return "FAILED"

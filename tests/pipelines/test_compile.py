@@ -75,8 +75,11 @@ def test_compile_with_kubernetes_settings(tmp_path):
     train = execs["exec-train"]
     assert train["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm",
                                         "sizeLimit": "16Gi", "volumeName": "dshm"}]
-    assert train["nodeSelector"]["nodeSelectorJson"]["componentInputParameter"] == "node_selector"
-    assert train["tolerations"][0]["tolerationJson"]["componentInputParameter"] == "tolerations"
+    # inside the ExitHandler's sub-DAG the parameters arrive as pipeline channels
+    assert train["nodeSelector"]["nodeSelectorJson"]["componentInputParameter"].endswith(
+        "node_selector")
+    assert train["tolerations"][0]["tolerationJson"]["componentInputParameter"].endswith(
+        "tolerations")
     for name, ex in execs.items():  # credentials come from optional Secrets, never inline
         assert ex["secretAsEnv"][0]["optional"] and ex["secretAsVolume"][0]["optional"], name
     # GPU requests are IR: the train task's limit follows the train_gpus parameter

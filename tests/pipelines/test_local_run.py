@@ -43,7 +43,8 @@ def test_pipeline_runs_end_to_end(demo_dir, tmp_path):
     run = client.get_run(version.run_id)
     assert run.data.metrics["R_at_10"] == pytest.approx(m["R@10"])
     assert "train/loss" in run.data.metrics and run.data.params["train.max_steps"] == "15"
-    assert run.data.tags["kfp_run_id"]
+    assert run.data.tags["kfp_run_id"] and run.data.tags["image"] and run.data.tags["git_sha"]
+    assert run.info.status == "FINISHED" and run.data.tags["kfp_final_state"] == "SUCCEEDED"
     # the demo ships events: training pairs were mined and the split recorded
     assert run.data.params["mine.split.method"] == "time" and run.data.params["mine.split.cutoff"]
     assert run.data.metrics["mine/pairs_train"] > 0
@@ -79,6 +80,10 @@ def test_unknown_pair_id_stops_before_training(demo_dir, tmp_path):
     assert "note_pairs_test.csv row" in str(e.value) and "nosuchnote" in str(e.value)
     assert not os.path.exists(os.path.join(work, "metrics.json"))
     assert not _versions(work)
+    # the exit handler marked the pipeline's MLflow run FAILED with KFP's final state
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{work}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("notellm2").experiment_id])
+    assert run.info.status == "FAILED" and run.data.tags["kfp_final_state"] == "FAILED"
     roots = os.listdir(os.path.join(work, "pipeline_root"))
     assert not os.path.exists(os.path.join(work, "pipeline_root", roots[0], "train"))
 
