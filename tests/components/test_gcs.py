@@ -11,19 +11,14 @@ import pytest
 from components.common import storage
 from components.common.notes import load_image
 from components.common.readers import read_dataset, write_canonical
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def gcs(tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
          "--port", str(port), "--in-memory", "--default-bucket", "notes"],

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,8 @@ import urllib.request
 
 import numpy as np
 import pytest
+
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
 FAST = ("train.max_steps=15", "train.batch_pairs=8", "train.val_every=10")
@@ -31,12 +32,6 @@ def pipeline_work(demo_dir, tmp_path_factory) -> str:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         run_local(demo_dir, work, overrides=FAST)
     return work
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_ready(url: str, proc: subprocess.Popen, log_path: str, timeout: float = 120) -> None:
@@ -79,7 +74,7 @@ def test_served_model_returns_the_embed_step_vectors(pipeline_work, demo_dir, tm
         ["title", "content", "topics", "image_uri"]]
     assert rows["image_uri"].map(bool).any(), "no test note with an image"
 
-    port = _free_port()
+    port = free_port()
     # the CLI execs `uvicorn` from PATH: put this environment's scripts first, as activating it
     # would (the tests may run with the venv's python without an activated venv)
     bin_dir = os.path.dirname(sys.executable)

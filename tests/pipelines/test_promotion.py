@@ -3,7 +3,6 @@ worse challenger is registered but held with its reasons, manual promotion is gu
 restores the champion, and the champion serves the embed step's vectors."""
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,21 +17,16 @@ from components.common.config import RegisterConfig
 from components.register.promote import decide
 from pipelines.cli import main
 from pipelines.local import run_local
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
 FAST = ("train.max_steps=15", "train.batch_pairs=8", "train.val_every=10")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
