@@ -14,16 +14,9 @@ def model_dir(ref: str, tracking_uri: str | None) -> str:
         return ref
     if not ref.startswith(("models:/", "runs:/")):
         raise ValueError(f"{ref!r} is neither a model folder nor a models:/ or runs:/ URI")
-    import mlflow
+    from components.evaluate.compare import download_model
 
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    local = mlflow.artifacts.download_artifacts(artifact_uri=ref,
-                                                dst_path=tempfile.mkdtemp(prefix="notellm2-"))
-    path = os.path.join(local, "artifacts", "model")
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{ref} holds no NoteLLM-2 model under artifacts/model")
-    return path
+    return download_model(ref, tracking_uri)
 
 
 def compare_models(a: str, b: str, data: str, out: str | None = None, *,

@@ -112,13 +112,22 @@ def find_champion(tracking_uri: str, model_name: str, alias: str = "champion"
         if "RESOURCE_DOES_NOT_EXIST" in str(e.error_code) or "not found" in str(e).lower():
             return None
         raise
-    dest = tempfile.mkdtemp(prefix="notellm2-champion-")
-    mlflow.set_tracking_uri(tracking_uri)
-    local = mlflow.artifacts.download_artifacts(
-        artifact_uri=f"models:/{model_name}/{version.version}", dst_path=dest)
+    log.info("champion: %s version %s", model_name, version.version)
+    return str(version.version), download_model(f"models:/{model_name}/{version.version}",
+                                                tracking_uri)
+
+
+def download_model(ref: str, tracking_uri: str | None = None) -> str:
+    """A fresh local folder holding the NoteLLM-2 model of a registered pyfunc (``models:/…``
+    or ``runs:/…``): the ``artifacts/model`` the register step logged."""
+    import mlflow
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    local = mlflow.artifacts.download_artifacts(artifact_uri=ref,
+                                                dst_path=tempfile.mkdtemp(prefix="notellm2-"))
     path = os.path.join(local, "artifacts", "model")
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{model_name} version {version.version} holds no NoteLLM-2 "
-                                f"model under artifacts/model (found {os.listdir(local)})")
-    log.info("champion: %s version %s", model_name, version.version)
-    return str(version.version), path
+        raise FileNotFoundError(f"{ref} holds no NoteLLM-2 model under artifacts/model "
+                                f"(found {os.listdir(local)})")
+    return path

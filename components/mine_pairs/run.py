@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 from components.common import storage
 from components.common.canonical import derive_canonical, load_canonical
 from components.common.config import MineConfig
-from components.common.readers import _read_events, read_table, write_table
+from components.common.readers import _read_events, write_table
 from components.common.schema import EVENT_COLUMNS, EVENT_TYPES, PAIR_COLUMNS, DataError, where
 
 log = logging.getLogger(__name__)
@@ -399,6 +399,12 @@ def run(events_uri: str, out_dir: str, cfg: MineConfig,
     ``out_dir``; returns the summary written to mining.json. Events naming a note outside
     ``notes_ids`` (when given) are dropped and counted.
     """
+    return _mine_file(events_uri, out_dir, cfg, notes_ids)[0]
+
+
+def _mine_file(events_uri: str, out_dir: str, cfg: MineConfig,
+               notes_ids: Collection[str] | None) -> tuple[dict, dict[str, pd.DataFrame]]:
+    """:func:`run`, also handing back the split frames it wrote."""
     file = storage.basename(events_uri)
     ext = file.rsplit(".", 1)[-1] if "." in file else ""
     if ext not in ("parquet", "csv", "jsonl"):
@@ -424,7 +430,7 @@ def run(events_uri: str, out_dir: str, cfg: MineConfig,
     storage.write_text(storage.join(out_dir, "mining.json"), json.dumps(summary, indent=2))
     log.info("mined pairs: %s (notes %s, removed %s)", info["pairs"], info["notes"],
              info["removed"])
-    return summary
+    return summary, splits
 
 
 def step(canonical_dir: str, out_dir: str, report_dir: str, cfg: MineConfig) -> dict:
@@ -444,9 +450,9 @@ def step(canonical_dir: str, out_dir: str, report_dir: str, cfg: MineConfig) -> 
         log.info("pair mining skipped: %s; the given pairs are used", reason)
         return {"status": "skipped", "reason": reason}
     ids = set().union(*(set(df["note_id"]) for df in notes.values()))
-    summary = run(storage.join(canonical_dir, "events.parquet"), report_dir, cfg, notes_ids=ids)
-    mined = {k: read_table(storage.join(report_dir, f"pairs_{k}.parquet"))
-             for k in ("train", "val", "test")}
+    summary, mined = _mine_file(storage.join(canonical_dir, "events.parquet"), report_dir, cfg,
+                                ids)
+    mined = {k: v[PAIR_COLUMNS].reset_index(drop=True) for k, v in mined.items()}
     final = {k: v for k, v in pairs.items() if k == "test" or k.startswith("test_")}
     summary["test_pairs"] = "given" if "test" in final else "mined"
     final.setdefault("test", mined["test"])

@@ -87,14 +87,14 @@ def run(canonical_dir: str, out_dir: str, cfg: DataConfig, validated_dir: str = 
     rep = report(todo, results, cfg)
     rep.stats |= {"seconds_images": round(checked - start, 2),
                   "seconds_gx": round(time.perf_counter() - checked, 2)}
+    if validated_dir and rep.success:  # first, so the reports count the pairs it drops
+        _write_validated(canonical_dir, validated_dir, notes, pairs, rep)
     _write(out_dir, rep, todo, results)
     for w in rep.warnings:
         log.warning(w)
     if rep.errors:
         raise DataError(f"data validation failed ({len(rep.errors)} expectation(s); details in "
                         "summary.md and data_docs.html):\n  " + "\n  ".join(rep.errors))
-    if validated_dir:
-        _write_validated(canonical_dir, validated_dir, notes, pairs, rep)
     log.info("validation passed: %s", rep.stats)
     return rep
 
