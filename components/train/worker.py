@@ -150,6 +150,22 @@ class Objective(nn.Module):
         return losses
 
 
+def engine_module(model: NoteLLM2, ds, stage: int, device: str) -> Objective:
+    """``model`` made ready for ``deepspeed.initialize`` (the train step and the GPU bench)."""
+    # DeepSpeed broadcasts parameters as bytes, which fails for a 0-dim tensor: train the
+    # temperature as shape (1,) and give it back its shape at export
+    model.log_scale = nn.Parameter(model.log_scale.detach().reshape(1))
+    objective = Objective(model)
+    if stage == 3:
+        # ZeRO-3 does not broadcast rank 0's weights: make sure every rank starts from them
+        for p in model.parameters():
+            buf = p.data.to(device)  # NCCL sends from the GPU only
+            dist.broadcast(buf, 0)
+            p.data.copy_(buf)
+        ds.zero.register_external_parameter(objective, model.log_scale)
+    return objective
+
+
 # -- process set-up ----------------------------------------------------------------------------
 
 
@@ -283,21 +299,13 @@ class Trainer:
 
         model = build_model(cfg.model, corpus=data.corpus(), seed=t.seed)
         self._check_same_vocabulary(model)
-        # DeepSpeed broadcasts parameters as bytes, which fails for a 0-dim tensor: train the
-        # temperature as shape (1,) and give it back its shape at export
-        model.log_scale = nn.Parameter(model.log_scale.detach().reshape(1))
         self.model = model
-        objective = Objective(model)
-        if self.stage == 3:
-            # ZeRO-3 does not broadcast rank 0's weights: make sure every rank starts from them
-            for p in model.parameters():
-                buf = p.data.to(self.device)  # NCCL sends from the GPU only
-                dist.broadcast(buf, 0)
-                p.data.copy_(buf)
-            self.ds.zero.register_external_parameter(objective, model.log_scale)
+        objective = engine_module(model, self.ds, self.stage, self.device)
         torch.manual_seed(t.seed + self.rank)  # dropout differs between ranks, not between runs
 
-        opt = torch.optim.AdamW(param_groups(model, cfg), lr=t.lr)
+        # the fused kernel on GPU (one launch for all master weights; not under CPU offload)
+        opt = torch.optim.AdamW(param_groups(model, cfg), lr=t.lr,
+                                fused=self.on_gpu and not t.offload)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lr_lambda(self.total, int(t.warmup_ratio * self.total)))
         t0 = time.perf_counter()

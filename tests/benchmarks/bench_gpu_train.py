@@ -52,6 +52,44 @@ def build(tokens: int):
     return NoteLLM2(cfg, llm, vision, tok, processor)
 
 
+def deepspeed_step(model, batch, args, device: str = "cuda"):
+    """One training step as the train component runs it: its ``Objective`` module inside a
+    DeepSpeed engine built from the config that ``TrainConfig`` generates."""
+    import torch
+
+    from components.common.config import TrainConfig
+    from components.train.ds_config import deepspeed_config
+    from components.train.worker import (
+        _import_deepspeed,
+        engine_module,
+        ensure_process_group,
+        single_process_env,
+    )
+
+    on_gpu = device.startswith("cuda")
+    ds = _import_deepspeed(on_gpu)
+    t = TrainConfig(zero_stage=args.zero, offload=args.offload,
+                    precision="bf16" if on_gpu else "fp32")
+    with single_process_env():
+        ensure_process_group(on_gpu)
+        config = deepspeed_config(t, micro_batch=args.pairs, world=1, device=device)
+        module = engine_module(model, ds, config["zero_optimization"]["stage"], device)
+        params = [p for p in model.parameters() if p.requires_grad]  # log_scale was replaced
+        engine, *_ = ds.initialize(model=module, optimizer=torch.optim.AdamW(
+            params, lr=1e-5, fused=on_gpu and not args.offload),
+                                   config=config, dist_init_required=False)
+    print(f"DeepSpeed config: ZeRO {config['zero_optimization']['stage']}, "
+          f"offload={args.offload}, bf16={config['bf16']['enabled']}")
+    keys = torch.arange(2 * args.pairs, device=device)  # one per note: no duplicates
+
+    def step():
+        loss = engine(keys=keys, gather=False, **batch)["loss"]
+        engine.backward(loss)
+        engine.step()
+
+    return step
+
+
 def main() -> None:
     import torch
 
@@ -62,6 +100,11 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=140)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="dense bf16 peak; 0 = by name")
+    ap.add_argument("--engine", choices=("torch", "deepspeed"), default="torch",
+                    help="torch: AdamW under bf16 autocast; deepspeed: the training step's own "
+                         "engine and config (bf16 weights, fp32 master copy)")
+    ap.add_argument("--zero", type=int, default=2, help="train.zero_stage for --engine deepspeed")
+    ap.add_argument("--offload", action="store_true", help="train.offload for --engine deepspeed")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: skipped (run this on a GPU machine)")
@@ -76,15 +119,19 @@ def main() -> None:
     ids[:, 1 + q] = model.img_emb_id
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
              "pixel_values": torch.randn(n, 3, 224, 224, device="cuda")}
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    if args.engine == "deepspeed":
+        step, label = deepspeed_step(model, batch, args), "DeepSpeed"
+    else:
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        label = "torch autocast"
 
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(**batch)
-        loss = notellm2_loss(out, model.log_scale, 9.0, 1.0, gather=False)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = model(**batch)
+            loss = notellm2_loss(out, model.log_scale, 9.0, 1.0, gather=False)["loss"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
 
     for _ in range(3):
         step()
@@ -101,7 +148,7 @@ def main() -> None:
     patches = (224 // 16) ** 2 + 1
     flops = 6 * trained * n * args.tokens + 2 * frozen * n * patches
     achieved = flops / dt / 1e12
-    print(f"{name}: {args.pairs / dt:,.1f} pairs/s, {n * args.tokens / dt:,.0f} tokens/s, "
+    print(f"{name} [{label}]: {args.pairs / dt:,.1f} pairs/s, {n * args.tokens / dt:,.0f} tokens/s, "
           f"{dt * 1e3:.1f} ms/step, {achieved:.1f} TFLOP/s"
           + (f", MFU {achieved / peak:.1%} of {peak:.0f} TFLOP/s bf16" if peak else "")
           + f"; peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB; "
