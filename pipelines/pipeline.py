@@ -128,13 +128,13 @@ def make_pipeline(*, resources: bool = True, kubernetes_settings: bool = False):
                 part.set_display_name("embed shard")
                 gpus(part, accelerator_type, embed_gpus)
                 place(part, node_selector=node_selector, tolerations=tolerations, shm_size="4Gi")
-            emb = merge_embeddings(shards=dsl.Collected(part.outputs["embeddings"]))
+            emb = merge_embeddings(shards=dsl.Collected(part.outputs["embeddings"]), **tracked)
             emb.set_display_name("merge embeddings")
-            idx = index(embeddings=emb.outputs["embeddings"], **common)
+            idx = index(embeddings=emb.outputs["embeddings"], **common, **tracked)
             idx.set_display_name("index")
             ev = evaluate(canonical=data, embeddings=emb.outputs["embeddings"],
                           model=tr.outputs["model"], index=idx.outputs["index"],
-                          mlflow_tracking_uri=mlflow_tracking_uri, **common)
+                          **common, **tracked)
             ev.set_display_name("evaluate")
             reg = register(model=tr.outputs["model"], evaluation=ev.outputs["evaluation"],
                            index=idx.outputs["index"], **common, **tracked)

@@ -31,10 +31,20 @@ def embed(canonical: Input[Dataset], model: Input[Model], preset: str, overrides
 
 
 @dsl.component(base_image=component_image(), install_kfp_package=False)
-def merge_embeddings(shards: Input[List[Dataset]], embeddings: Output[Dataset]):  # noqa: UP006
-    """Concatenate the embed shards in shard order (refuses missing or overlapping shards)."""
-    from components.common import logs
+def merge_embeddings(shards: Input[List[Dataset]], mlflow_tracking_uri: str,  # noqa: UP006
+                     mlflow_run_id: str, embeddings: Output[Dataset]):
+    """Concatenate the embed shards in shard order (refuses missing or overlapping shards);
+    the ``embed`` step's MLflow run gets the counts and each shard's speed."""
+    import json
+
+    from components.common import logs, tracking
     from components.embed.run import merge
 
     logs.setup()
-    embeddings.metadata.update(merge([s.path for s in shards], embeddings.path))
+    with tracking.step_run(mlflow_tracking_uri, mlflow_run_id, "embed"):
+        embeddings.metadata.update(merge([s.path for s in shards], embeddings.path))
+        with open(f"{embeddings.path}/embed.json") as f:
+            record = json.load(f)
+        tracking.log_numbers(record, "embed/")
+        for i, speed in enumerate(record.get("notes_per_s_per_shard", [])):
+            tracking.log_metrics({"embed/notes_per_s": speed}, step=i)

@@ -7,12 +7,14 @@ from components.common.image import component_image
 @dsl.component(base_image=component_image(), install_kfp_package=False)
 def evaluate(canonical: Input[Dataset], embeddings: Input[Dataset], model: Input[Model],
              index: Input[Artifact], preset: str, overrides: list, mlflow_tracking_uri: str,
-             evaluation: Output[Artifact],
+             mlflow_run_id: str, evaluation: Output[Artifact],
              metrics: Output[Metrics], report: Output[Markdown]):
     """Exact R@K by the reference protocol beside R@K through the built index, modality probes,
     slices and the image/text saliency of the model; against the registry's champion (when
     there is one) on the same queries, with paired-bootstrap intervals."""
     import shutil
+
+    import mlflow
 
     from components.common import logs, tracking
     from components.common.config import resolve
@@ -21,11 +23,15 @@ def evaluate(canonical: Input[Dataset], embeddings: Input[Dataset], model: Input
 
     logs.setup()
     cfg = resolve(preset, overrides)
-    champion = find_champion(tracking.tracking_uri(mlflow_tracking_uri), cfg.register.model_name)
-    version, champion_dir = champion or ("", "")
-    result = run(canonical.path, embeddings.path, evaluation.path, cfg.eval,
-                 model_dir=model.path, index_dir=index.path, champion_dir=champion_dir,
-                 champion_version=version)
+    with tracking.step_run(mlflow_tracking_uri, mlflow_run_id, "evaluate"):
+        champion = find_champion(tracking.tracking_uri(mlflow_tracking_uri),
+                                 cfg.register.model_name)
+        version, champion_dir = champion or ("", "")
+        result = run(canonical.path, embeddings.path, evaluation.path, cfg.eval,
+                     model_dir=model.path, index_dir=index.path, champion_dir=champion_dir,
+                     champion_version=version)
+        tracking.log_metrics(result)
+        mlflow.log_artifacts(evaluation.path, artifact_path="evaluation")
     for key, value in result.items():
         if isinstance(value, (int, float)):
             metrics.log_metric(key, value)

@@ -5,11 +5,20 @@ from components.common.image import component_image
 
 
 @dsl.component(base_image=component_image(), install_kfp_package=False)
-def index(embeddings: Input[Dataset], preset: str, overrides: list, index: Output[Artifact]):
+def index(embeddings: Input[Dataset], preset: str, overrides: list, mlflow_tracking_uri: str,
+          mlflow_run_id: str, index: Output[Artifact]):
     """FAISS index over the note vectors with its id map and a recall check vs exact search."""
-    from components.common import logs
+    import mlflow
+
+    from components.common import logs, tracking
     from components.common.config import resolve
     from components.index.run import run
 
     logs.setup()
-    index.metadata.update(run(embeddings.path, index.path, resolve(preset, overrides).index))
+    with tracking.step_run(mlflow_tracking_uri, mlflow_run_id, "index"):
+        meta = run(embeddings.path, index.path, resolve(preset, overrides).index)
+        mlflow.log_params({"index.factory": meta["factory"],
+                           "index.search_params": str(meta.get("search_params", {}))})
+        tracking.log_numbers(meta, "index/")
+        mlflow.log_dict(meta, "index/index.json")
+    index.metadata.update(meta)

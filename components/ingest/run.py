@@ -24,11 +24,10 @@ def run(data_uri: str, out_dir: str, *, tracking_uri: str = "", experiment: str 
     manifest = write_canonical(ds, out_dir)
     run_id = tracking.create_run(tracking_uri, experiment, run_name,
                                  {"data_uri": data_uri, "data_layout": ds.layout, **(tags or {})})
-    with tracking.pipeline_run(tracking_uri, run_id):
-        import mlflow
-
-        mlflow.log_params({"data.uri": data_uri, "data.layout": ds.layout,
-                           "data.slices": ",".join(ds.slices) or "-"})
+    with tracking.step_run(tracking_uri, run_id, "ingest"):
+        tracking.log_to_pipeline_run(run_id, params={
+            "data.uri": data_uri, "data.layout": ds.layout,
+            "data.slices": ",".join(ds.slices) or "-"})
         tracking.log_metrics({f"data/notes_{k}": v for k, v in manifest["notes"].items()}
                              | {f"data/pairs_{k}": v for k, v in manifest["pairs"].items()})
     log.info("ingested %s (%s layout): notes %s, pairs %s", data_uri, ds.layout,

@@ -16,7 +16,7 @@ def mine_pairs(canonical: Input[Dataset], preset: str, overrides: list, mlflow_t
     from components.mine_pairs.run import step
 
     logs.setup()
-    with tracking.pipeline_run(mlflow_tracking_uri, mlflow_run_id):
+    with tracking.step_run(mlflow_tracking_uri, mlflow_run_id, "mine_pairs"):
         done = step(canonical.path, mined.path, report.path, resolve(preset, overrides).mine)
         mlflow.log_dict(done, "mine_pairs/mining.json")
         if done["status"] == "mined":

@@ -46,7 +46,9 @@ def run(model_dir: str, eval_dir: str, index_dir: str, cfg: RegisterConfig, *,
 
     metrics = json.loads(storage.read_text(storage.join(eval_dir, "metrics.json")))
     if metrics.get("status") != "complete":
-        raise RuntimeError(f"evaluation status is {metrics.get('status')!r}: nothing registered")
+        with tracking.step_run(tracking_uri, run_id, "register"):  # a FAILED register run
+            raise RuntimeError(
+                f"evaluation status is {metrics.get('status')!r}: nothing registered")
     with storage.local_copy(model_dir) as local_model, \
             tracking.pipeline_run(tracking_uri, run_id):
         tracking.log_metrics({k: v for k, v in metrics.items() if k != "status"})
@@ -82,19 +84,27 @@ def run(model_dir: str, eval_dir: str, index_dir: str, cfg: RegisterConfig, *,
         client.set_model_version_tag(cfg.model_name, version, key, value)
     log.info("registered %s version %s with alias %r; gate: %s (%s)", cfg.model_name, version,
              cfg.alias, decision.verdict, "; ".join(decision.reasons))
-    if decision_dir:
-        champion = (_arm(client, cfg.model_name, decision.champion_version)
-                    if decision.champion_version else None)
-        plan = promote.ab_plan(metrics, decision, cfg, _arm(client, cfg.model_name, version),
-                               champion)
-        storage.write_text(storage.join(decision_dir, "decision.md"),
-                           decision.markdown(promote.rule_text(cfg)))
-        storage.write_text(storage.join(decision_dir, "decision.json"), json.dumps(
+    champion = (_arm(client, cfg.model_name, decision.champion_version)
+                if decision.champion_version else None)
+    plan = promote.ab_plan(metrics, decision, cfg, _arm(client, cfg.model_name, version),
+                           champion)
+    files = {
+        "decision.md": decision.markdown(promote.rule_text(cfg)),
+        "decision.json": json.dumps(
             {"name": cfg.model_name, "version": version, "decision": decision.verdict,
              "reasons": decision.reasons,
              "metric": decision.metric, "champion_version": decision.champion_version},
-            indent=2))
-        storage.write_text(storage.join(decision_dir, "ab_plan.json"), json.dumps(plan, indent=2))
-        storage.write_text(storage.join(decision_dir, "ab_plan.md"), promote.ab_markdown(plan))
+            indent=2),
+        "ab_plan.json": json.dumps(plan, indent=2),
+        "ab_plan.md": promote.ab_markdown(plan),
+    }
+    with tracking.step_run(tracking_uri, run_id, "register"):
+        mlflow.set_tags({"model_name": cfg.model_name, "model_version": version,
+                         "decision": decision.verdict})
+        for name, text in files.items():
+            mlflow.log_text(text, f"decision/{name}")
+    if decision_dir:
+        for name, text in files.items():
+            storage.write_text(storage.join(decision_dir, name), text)
     return {"name": cfg.model_name, "version": version, "alias": cfg.alias,
             "model_uri": f"models:/{cfg.model_name}@{cfg.alias}", "decision": decision.verdict}

@@ -601,19 +601,19 @@ def train(job: Job) -> dict[str, float]:
     ensure_process_group(on_gpu)
     trainer = Trainer(job)
     rank = trainer.rank
-    track = (tracking.pipeline_run(job.tracking_uri, job.run_id) if rank == 0
+    track = (tracking.step_run(job.tracking_uri, job.run_id, "train") if rank == 0
              else nullcontext())
-    with track:
+    with track as step:
         if rank == 0:
-            _log_run_params(trainer)
+            _log_run_params(trainer, job.run_id)
         resumed = trainer.resume()
         history = trainer.fit()
         trainer.export()
         # an attempt that resumed at the end trains nothing: the checkpoint's metrics stand
         final = trainer.resumed_metrics | history
         if rank == 0:
-            final |= _final_metrics(job.run_id)
-            _log_curve(job.run_id)
+            final |= _final_metrics(step.info.run_id)
+            _log_curve(step.info.run_id)
             log.info("trained %d steps on %d pairs x %d process(es)%s: %s", trainer.total,
                      len(trainer.data.train), trainer.world,
                      f", resumed at step {resumed}" if resumed is not None else "",
@@ -621,7 +621,9 @@ def train(job: Job) -> dict[str, float]:
     return final
 
 
-def _log_run_params(trainer: Trainer) -> None:
+def _log_run_params(trainer: Trainer, pipeline_run_id: str) -> None:
+    """The run's whole config on the pipeline's run (what runs are compared by); the DeepSpeed
+    config the engine ran with in the train step's run."""
     import mlflow
 
     params = {k: str(v)[:500] for k, v in trainer.cfg.flat().items()}
@@ -629,7 +631,7 @@ def _log_run_params(trainer: Trainer) -> None:
                "train.world_size": trainer.world, "train.micro_batch_pairs": trainer.bsz,
                "model.parameters": sum(p.numel() for p in trainer.model.parameters())}
     try:
-        mlflow.log_params(params)
+        tracking.log_to_pipeline_run(pipeline_run_id, params=params)
     except mlflow.exceptions.MlflowException as e:
         # a resumed run may differ in an operational key (e.g. train.checkpoint_every)
         log.warning("MLflow kept the parameters of the earlier attempt: %s", e)
@@ -637,10 +639,11 @@ def _log_run_params(trainer: Trainer) -> None:
 
 
 def _final_metrics(run_id: str) -> dict[str, float]:
-    """The latest value of every train/ and val/ metric of the run, across restarts."""
+    """The latest value of every train/ and val/ metric of the train step's run, across
+    restarts."""
     import mlflow
 
-    metrics = mlflow.MlflowClient().get_run(run_id or mlflow.active_run().info.run_id).data.metrics
+    metrics = mlflow.MlflowClient().get_run(run_id).data.metrics
     return {k.removeprefix("train/"): v for k, v in metrics.items()
             if k.startswith(("train/", "val/"))}
 
@@ -657,7 +660,6 @@ def _log_curve(run_id: str) -> None:
     import mlflow
 
     client = mlflow.MlflowClient()
-    run_id = run_id or mlflow.active_run().info.run_id
     curves = {label: sorted({m.step: m.value
                              for m in client.get_metric_history(run_id, key)}.items())
               for key, label in (("train/loss", "train loss"), ("train/loss_m", "L_m"),

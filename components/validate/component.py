@@ -21,10 +21,16 @@ def validate(canonical: Input[Dataset], preset: str, overrides: list, mlflow_tra
 
     logs.setup()
     try:
-        with tracking.pipeline_run(mlflow_tracking_uri, mlflow_run_id):
-            rep = run(canonical.path, report.path, resolve(preset, overrides).data,
-                      validated_dir=validated.path)
-            tracking.log_metrics({f"validate/{k}": v for k, v in rep.stats.items()})
+        with tracking.step_run(mlflow_tracking_uri, mlflow_run_id, "validate"):
+            try:
+                rep = run(canonical.path, report.path, resolve(preset, overrides).data,
+                          validated_dir=validated.path)
+                tracking.log_metrics({f"validate/{k}": v for k, v in rep.stats.items()})
+            finally:  # the failed expectations are what a reader of a FAILED run wants
+                if os.path.isdir(report.path):
+                    import mlflow
+
+                    mlflow.log_artifacts(report.path, artifact_path="validation")
     finally:
         # a crash before the report exists must surface as itself, not as a missing file
         for name, out in (("summary.md", summary), ("data_docs.html", data_docs)):

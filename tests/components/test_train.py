@@ -10,7 +10,7 @@ from components.common.canonical import load_canonical
 from components.common.config import resolve
 from components.common.notes import LazyNotes
 from components.common.readers import read_dataset, write_canonical
-from components.common.tracking import create_run
+from components.common.tracking import create_run, step_runs
 from components.train.run import PixelCache, run
 from model import NoteLLM2, build_model
 from model.collator import NoteCollator
@@ -24,6 +24,11 @@ def test_training_lowers_the_loss_and_exports(demo_dir, tmp_path):
     cfg = resolve("tiny", ["train.max_steps=40", "train.batch_pairs=16", "train.log_every=5",
                            "train.val_every=20"])
     run(canon, out, cfg, tracking_uri=uri, run_id=run_id, progress=False)
+    # curves in the train step's run nested under the pipeline's, the config on the latter
+    train_run = step_runs(uri, run_id)["train"]
+    assert train_run.data.tags["mlflow.parentRunId"] == run_id
+    assert mlflow.MlflowClient(uri).get_run(run_id).data.params["train.max_steps"] == "40"
+    run_id = train_run.info.run_id
     history = mlflow.MlflowClient(uri).get_metric_history(run_id, "train/loss")
     losses = [m.value for m in sorted(history, key=lambda m: m.step)]
     assert len(losses) == 8

@@ -19,7 +19,7 @@ import torch
 from components.common.config import resolve
 from components.common.notes import LazyNotes
 from components.common.readers import read_dataset, write_canonical
-from components.common.tracking import create_run
+from components.common.tracking import create_run, step_runs
 from components.train.checkpoint import MARKER, CheckpointStore, step_name
 from components.train.data import PairBatches, PairOrder, TrainData, make_collate, val_batches
 from components.train.ds_config import deepspeed_config
@@ -50,7 +50,9 @@ def store_uri(tmp_path_factory) -> str:
 
 
 def _history(uri: str, run_id: str, key: str) -> dict[int, float]:
-    return {m.step: m.value for m in mlflow.MlflowClient(uri).get_metric_history(run_id, key)}
+    """A metric's history in the train step's run under the pipeline run ``run_id``."""
+    train = step_runs(uri, run_id)["train"].info.run_id
+    return {m.step: m.value for m in mlflow.MlflowClient(uri).get_metric_history(train, key)}
 
 
 def _weights(path: str) -> dict[str, torch.Tensor]:
@@ -82,7 +84,8 @@ def test_zero2_on_two_processes_lowers_the_loss_and_checkpoints(canon, store_uri
     assert state["step"] == 6 and state["fingerprint"]["world_size"] == 2
     ds = json.loads((tmp_path / "model" / "ds_config.json").read_text())
     assert ds["zero_optimization"]["stage"] == 2 and ds["train_batch_size"] == 32
-    artifacts = {a.path for a in mlflow.MlflowClient(store_uri).list_artifacts(run_id, "training")}
+    train = step_runs(store_uri, run_id)["train"].info.run_id
+    artifacts = {a.path for a in mlflow.MlflowClient(store_uri).list_artifacts(train, "training")}
     assert {"training/ds_config.json", "training/loss_curve.png"} <= artifacts
 
 

@@ -8,6 +8,7 @@ import mlflow
 import pytest
 from click.testing import CliRunner
 
+from components.common.tracking import step_runs
 from pipelines.cli import main
 from pipelines.local import PipelineFailed, run_local
 
@@ -42,12 +43,25 @@ def test_pipeline_runs_end_to_end(demo_dir, tmp_path):
     version = client.get_model_version_by_alias("notellm2", "challenger")
     run = client.get_run(version.run_id)
     assert run.data.metrics["R_at_10"] == pytest.approx(m["R@10"])
-    assert "train/loss" in run.data.metrics and run.data.params["train.max_steps"] == "15"
+    assert run.data.params["train.max_steps"] == "15" and run.data.params["data.layout"]
     assert run.data.tags["kfp_run_id"] and run.data.tags["image"] and run.data.tags["git_sha"]
     assert run.info.status == "FINISHED" and run.data.tags["kfp_final_state"] == "SUCCEEDED"
+    # one nested run per step, finished, carrying the pipeline run's tags
+    steps = step_runs(res.tracking_uri, run.info.run_id)
+    assert set(steps) == {"ingest", "mine_pairs", "validate", "train", "embed", "index",
+                          "evaluate", "register"}
+    for name, child in steps.items():
+        assert child.info.status == "FINISHED", name
+        assert child.data.tags["kfp_run_id"] == run.data.tags["kfp_run_id"], name
+    assert "train/loss" in steps["train"].data.metrics
+    assert steps["evaluate"].data.metrics["R_at_10"] == pytest.approx(m["R@10"])
+    assert steps["index"].data.metrics["index/recall"] >= 0.95
+    assert steps["embed"].data.metrics["embed/notes"] > 0
+    assert steps["register"].data.tags["decision"] in ("promote", "hold")
     # the demo ships events: training pairs were mined and the split recorded
-    assert run.data.params["mine.split.method"] == "time" and run.data.params["mine.split.cutoff"]
-    assert run.data.metrics["mine/pairs_train"] > 0
+    mined = steps["mine_pairs"].data
+    assert mined.params["mine.split.method"] == "time" and mined.params["mine.split.cutoff"]
+    assert mined.metrics["mine/pairs_train"] > 0
     import pyarrow.parquet as pq
 
     emb = pq.read_table(os.path.join(work, "embeddings", "notes.parquet")).to_pandas()
@@ -82,8 +96,14 @@ def test_unknown_pair_id_stops_before_training(demo_dir, tmp_path):
     assert not _versions(work)
     # the exit handler marked the pipeline's MLflow run FAILED with KFP's final state
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{work}/mlflow.db")
-    (run,) = client.search_runs([client.get_experiment_by_name("notellm2").experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name("notellm2").experiment_id])
+    (run,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert run.info.status == "FAILED" and run.data.tags["kfp_final_state"] == "FAILED"
+    # the validate step's own run failed too, with the failed expectations as artifacts
+    steps = step_runs(f"sqlite:///{work}/mlflow.db", run.info.run_id)
+    assert steps["validate"].info.status == "FAILED" and "train" not in steps
+    logged = {a.path for a in client.list_artifacts(steps["validate"].info.run_id, "validation")}
+    assert "validation/validation.json" in logged
     roots = os.listdir(os.path.join(work, "pipeline_root"))
     assert not os.path.exists(os.path.join(work, "pipeline_root", roots[0], "train"))
 

@@ -1,0 +1,72 @@
+"""The MLflow run structure: one run per pipeline run, a nested run per step."""
+
+import mlflow
+import pytest
+
+from components.common import tracking
+
+
+@pytest.fixture()
+def uri(tmp_path):
+    return f"sqlite:///{tmp_path}/mlflow.db"
+
+
+def _pipeline_run(uri: str, kfp_run_id: str = "kfp-1") -> str:
+    return tracking.create_run(uri, "exp", "nightly", {"kfp_run_id": kfp_run_id,
+                                                       "git_sha": "abc123", "image": "img:1"})
+
+
+def test_steps_nest_under_the_pipeline_run_and_a_retry_reopens_its_step(uri):
+    parent = _pipeline_run(uri)
+    with tracking.step_run(uri, parent, "train"):
+        tracking.log_metrics({"train/loss": 2.0}, step=1)
+        tracking.log_to_pipeline_run(parent, params={"train.lr": 0.1}, metrics={"R@10": 0.5})
+    with tracking.step_run(uri, parent, "train"):  # the task's second attempt
+        tracking.log_metrics({"train/loss": 1.0}, step=2)
+    with tracking.step_run(uri, parent, "index"):
+        pass
+
+    steps = tracking.step_runs(uri, parent)
+    assert set(steps) == {"train", "index"}
+    train = steps["train"]
+    assert train.data.tags[tracking.PARENT_TAG] == parent and train.info.run_name == "train"
+    assert {k: train.data.tags[k] for k in tracking.INHERITED_TAGS} == {
+        "kfp_run_id": "kfp-1", "git_sha": "abc123", "image": "img:1"}
+    client = mlflow.MlflowClient(uri)
+    history = client.get_metric_history(train.info.run_id, "train/loss")
+    assert sorted((m.step, m.value) for m in history) == [(1, 2.0), (2, 1.0)]
+    top = client.get_run(parent).data
+    assert top.params["train.lr"] == "0.1" and top.metrics["R_at_10"] == 0.5
+    assert "train/loss" not in top.metrics
+
+
+def test_a_failing_step_fails_its_run_and_the_exit_handler_fails_the_pipeline_run(uri):
+    parent = _pipeline_run(uri)
+    other = _pipeline_run(uri, "kfp-2")
+    with tracking.step_run(uri, parent, "ingest"):
+        pass
+    with pytest.raises(ValueError), tracking.step_run(uri, parent, "validate"):
+        raise ValueError("bad row")
+    client = mlflow.MlflowClient(uri)
+    # a pod killed mid-step leaves its run RUNNING
+    stuck = client.create_run(client.get_run(parent).info.experiment_id, run_name="train",
+                              tags={tracking.PARENT_TAG: parent, tracking.STEP_TAG: "train",
+                                    "kfp_run_id": "kfp-1"}).info.run_id
+
+    assert tracking.finish_run(uri, "exp", "kfp-1", "FAILED", "validate failed") == "FAILED"
+    steps = tracking.step_runs(uri, parent)
+    assert {k: r.info.status for k, r in steps.items()} == {
+        "ingest": "FINISHED", "validate": "FAILED", "train": "KILLED"}
+    assert steps["train"].info.run_id == stuck
+    top = client.get_run(parent)
+    assert top.info.status == "FAILED" and top.data.tags["kfp_error"] == "validate failed"
+    assert client.get_run(other).info.status == "FINISHED"  # another pipeline run is untouched
+    assert tracking.finish_run(uri, "exp", "kfp-2", "SUCCEEDED") == "FINISHED"
+    assert tracking.finish_run(uri, "exp", "kfp-unknown", "FAILED") == ""
+
+
+def test_a_step_without_a_pipeline_run_gets_a_top_level_run(uri):
+    with tracking.step_run(uri, "", "train") as run:
+        tracking.log_to_pipeline_run("", params={"train.lr": 0.1})
+    got = mlflow.MlflowClient(uri).get_run(run.info.run_id)
+    assert tracking.PARENT_TAG not in got.data.tags and got.data.params["train.lr"] == "0.1"
