@@ -15,16 +15,20 @@ log = logging.getLogger(__name__)
 def run(data_uri: str, out_dir: str, *, tracking_uri: str = "", experiment: str = "notellm2",
         run_name: str = "", tags: dict[str, str] | None = None) -> tuple[dict, str]:
     """Returns (manifest, mlflow_run_id)."""
+    import mlflow
+
     if not data_uri.strip():
         raise DataError("data_uri is empty: set the pipeline parameter to the data folder "
                         "(a local path or gs://bucket/prefix)")
-    ds = read_dataset(data_uri)
-    for w in ds.warnings:
-        log.warning(w)
-    manifest = write_canonical(ds, out_dir)
     run_id = tracking.create_run(tracking_uri, experiment, run_name,
-                                 {"data_uri": data_uri, "data_layout": ds.layout, **(tags or {})})
+                                 {"data_uri": data_uri, **(tags or {})})
+    # the step's run spans the reading, so a refused data folder shows as a FAILED ingest run
     with tracking.step_run(tracking_uri, run_id, "ingest"):
+        ds = read_dataset(data_uri)
+        for w in ds.warnings:
+            log.warning(w)
+        manifest = write_canonical(ds, out_dir)
+        mlflow.MlflowClient().set_tag(run_id, "data_layout", ds.layout)
         tracking.log_to_pipeline_run(run_id, params={
             "data.uri": data_uri, "data.layout": ds.layout,
             "data.slices": ",".join(ds.slices) or "-"})

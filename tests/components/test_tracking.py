@@ -70,3 +70,21 @@ def test_a_step_without_a_pipeline_run_gets_a_top_level_run(uri):
         tracking.log_to_pipeline_run("", params={"train.lr": 0.1})
     got = mlflow.MlflowClient(uri).get_run(run.info.run_id)
     assert tracking.PARENT_TAG not in got.data.tags and got.data.params["train.lr"] == "0.1"
+
+
+def test_a_refused_data_folder_leaves_a_failed_ingest_run(uri, tmp_path):
+    from components.common.schema import DataError
+    from components.ingest.run import run as ingest
+
+    empty = tmp_path / "nodata"
+    empty.mkdir()
+    with pytest.raises(DataError):
+        ingest(str(empty), str(tmp_path / "canon"), tracking_uri=uri, experiment="exp",
+               tags={"kfp_run_id": "kfp-9"})
+    assert tracking.finish_run(uri, "exp", "kfp-9", "FAILED") == "FAILED"
+    client = mlflow.MlflowClient(uri)
+    (parent,) = [r for r in client.search_runs([client.get_experiment_by_name("exp")
+                                                .experiment_id])
+                 if tracking.PARENT_TAG not in r.data.tags]
+    steps = tracking.step_runs(uri, parent.info.run_id)
+    assert steps["ingest"].info.status == "FAILED" and parent.info.status == "FAILED"
