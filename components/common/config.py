@@ -198,6 +198,8 @@ class MineConfig:
     min_score_quantile: float = 0.0  # drop pairs scoring below this quantile of all scores
     max_score_quantile: float = 1.0  # ... or above this one (outliers, e.g. bot-like bursts)
     top_k: int = 10  # partners kept per note
+    min_users: int = 2  # keep pairs that at least this many distinct users produced; not applied
+    #                     (a warning says so) where too few notes would keep a pair (sparse logs)
     symmetric: bool = True  # undirected pairs, s(A→B) + s(B→A); see the module docstring
     split: str = "time"  # time | note | none
     test_after: str = ""  # ISO time; events at or after it are test. "" = the test_share quantile
@@ -213,6 +215,8 @@ class MineConfig:
                              f"{self.min_score_quantile}, {self.max_score_quantile}")
         if self.top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {self.top_k}")
+        if self.min_users < 1:
+            raise ValueError(f"min_users must be at least 1, got {self.min_users}")
         if self.split not in ("time", "note", "none"):
             raise ValueError(f"split must be time, note or none, got {self.split!r}")
         for name in ("test_share", "val_share"):

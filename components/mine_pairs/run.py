@@ -15,6 +15,13 @@ Symmetric mode scores the undirected pair {A, B} as ``s(A→B) + s(B→A)`` and 
 notes. Directed mode writes ``query_id = A``, ``target_id = B`` and keeps each query note's
 ``top_k`` targets. Ties are broken by the partner id, ascending.
 
+Support: with ``min_users`` > 1 a pair is kept only when at least that many distinct users
+produced it (in symmetric mode a user counts once for {A, B}, whichever direction(s) they
+produced), before the outlier drop and top-k. One user's chance co-view of two unrelated notes is
+so removed. Where the threshold would leave a pair to fewer than ``MIN_USERS_COVERAGE`` (3/4) of
+the notes that have any, the log is too sparse for it: it is not applied, a warning says so and
+the step's stats record it (``min_users.applied``).
+
 The engine is NumPy: events are sorted by (user, time) once, each click finds its window of views
 with two binary searches and the (click, view) matches are expanded with ``np.repeat``; no Python
 loop touches events. ``tests/benchmarks/bench_mine_pairs.py`` measures it against a DuckDB range
@@ -46,7 +53,10 @@ from components.common.schema import EVENT_COLUMNS, EVENT_TYPES, PAIR_COLUMNS, D
 log = logging.getLogger(__name__)
 
 _QUANTILES = (0.0, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
-
+# mine.min_users is applied only when the notes keeping a pair are at least this share of those
+# with any scored pair; below it the log is too sparse for a support threshold and it falls back
+MIN_USERS_COVERAGE = 0.75
+_ONE_KEY_LIMIT = 2**62  # (user, pair) packs into one int64 below this many combinations
 
 
 def _epoch_ns(ts: pd.Series) -> np.ndarray:
@@ -82,22 +92,30 @@ def _prepare(events: pd.DataFrame, file: str = "events", first_row: int = 1) -> 
                          "t": _epoch_ns(events["ts"])})
 
 
-def _group_sum(key: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(distinct keys ascending, summed weight per key); a stable sort fixes the summing order."""
+def _group_sum(key: np.ndarray, weight: np.ndarray, count: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(distinct keys ascending, summed weight per key, summed integer ``count`` per key or None);
+    a stable sort fixes the summing order."""
     order = np.argsort(key, kind="stable")
     k = key[order]
     starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]]) if len(k) else np.zeros(0, np.int64)
     sums = np.add.reduceat(weight[order], starts) if len(k) else np.zeros(0)
-    return k[starts], sums
+    counts = None if count is None else (
+        np.add.reduceat(count[order].astype(np.int64), starts) if len(k) else np.zeros(0, np.int64))
+    return k[starts], sums, counts
 
 
 def _cooccur(user: np.ndarray, note: np.ndarray, click: np.ndarray, t: np.ndarray, window_ns: int,
-             n_notes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+             n_notes: int, support: str | None = None
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """Directed scores from integer-coded events.
 
     user, note: (n_events,) int codes; click: (n_events,) bool; t: (n_events,) int64 ns.
-    Returns (a, b, score): (n_pairs,) viewed-note codes, clicked-note codes, float64 scores,
-    sorted by (a, b).
+    Returns (a, b, score, users): (n_pairs,) viewed-note codes, clicked-note codes, float64
+    scores, sorted by (a, b); ``users`` is None unless ``support`` is given, then (n_pairs,) int64
+    distinct-user counts: with "directed" the users who produced A→B; with "symmetric" each user is
+    counted on one direction of {A, B} only, so that summing both directions counts the distinct
+    users of the undirected pair. Users never span calls, so counts from disjoint user sets add.
     """
     n = len(t)
     # Rank the times so that (user, time) packs into one sortable int64 and ties stay tied:
@@ -127,24 +145,47 @@ def _cooccur(user: np.ndarray, note: np.ndarray, click: np.ndarray, t: np.ndarra
     # one count per (click, viewed note), however often the note was viewed in the window
     once = ~pd.Series(click_of.astype(np.int64) * n_notes + a).duplicated().to_numpy()
     n_clicks = np.bincount(user[click], minlength=int(user.max(initial=-1)) + 1)  # N_u
-    pairs, score = _group_sum(a[once].astype(np.int64) * n_notes + b[once],
-                              1.0 / n_clicks[user[click_of[once]]])
-    return pairs // n_notes, pairs % n_notes, score
+    a, b, u = a[once].astype(np.int64), b[once].astype(np.int64), user[click_of[once]]
+    first = None
+    if support is not None:
+        pair = np.minimum(a, b) * n_notes + np.maximum(a, b) if support == "symmetric" else \
+            a * n_notes + b
+        # a user's first match of each pair carries the 1 (in symmetric mode on the direction of
+        # that match), the rest 0
+        n_users = int(user.max(initial=-1)) + 1
+        if n_users * n_notes * n_notes < _ONE_KEY_LIMIT:  # one int64 key hashes faster than two
+            first = ~pd.Series(u.astype(np.int64) * (n_notes * n_notes) + pair).duplicated()
+        else:
+            first = ~pd.DataFrame({"u": u, "p": pair}).duplicated()
+        first = first.to_numpy()
+    pairs, score, users = _group_sum(a * n_notes + b, 1.0 / n_clicks[u], first)
+    return pairs // n_notes, pairs % n_notes, score, users
 
 
-def _score_codes(ev: pd.DataFrame, window_s: float
-                 ) -> tuple[pd.Index, np.ndarray, np.ndarray, np.ndarray]:
-    """(ids, a, b, score) of :func:`_cooccur` for prepared events; ``ids[code]`` is the note id."""
+def _support(cfg: MineConfig) -> str | None:
+    """What :func:`_cooccur` counts users for under ``cfg``: None when no threshold is set."""
+    if cfg.min_users <= 1:
+        return None
+    return "symmetric" if cfg.symmetric else "directed"
+
+
+def _score_codes(ev: pd.DataFrame, window_s: float, support: str | None = None
+                 ) -> tuple[pd.Index, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """(ids, a, b, score, users) of :func:`_cooccur` for prepared events; ``ids[code]`` is the
+    note id."""
     user, _ = pd.factorize(ev["user_id"])
     note, ids = pd.factorize(ev["note_id"], sort=True)  # code order = id order
-    a, b, score = _cooccur(user, note, ev["click"].to_numpy(bool), ev["t"].to_numpy(np.int64),
-                           round(window_s * 1e9), max(len(ids), 1))
-    return ids, a, b, score
+    a, b, score, users = _cooccur(user, note, ev["click"].to_numpy(bool),
+                                  ev["t"].to_numpy(np.int64), round(window_s * 1e9),
+                                  max(len(ids), 1), support)
+    return ids, a, b, score, users
 
 
-def _frame(ids: pd.Index, q: np.ndarray, t: np.ndarray, s: np.ndarray) -> pd.DataFrame:
-    return pd.DataFrame({"query_id": ids.take(q).astype(str), "target_id": ids.take(t).astype(str),
-                         "score": s.astype(np.float64)})
+def _frame(ids: pd.Index, q: np.ndarray, t: np.ndarray, s: np.ndarray,
+           users: np.ndarray | None = None) -> pd.DataFrame:
+    frame = pd.DataFrame({"query_id": ids.take(q).astype(str),
+                          "target_id": ids.take(t).astype(str), "score": s.astype(np.float64)})
+    return frame if users is None else frame.assign(users=users.astype(np.int64))
 
 
 def score_pairs(events: pd.DataFrame, window_s: float) -> pd.DataFrame:
@@ -154,7 +195,7 @@ def score_pairs(events: pd.DataFrame, window_s: float) -> pd.DataFrame:
     or epoch seconds). Returns (n_pairs,) rows of query_id, target_id, score (float64), every pair
     with a positive score, sorted by (query_id, target_id). No outlier drop, no top-k.
     """
-    return _frame(*_score_codes(_prepare(events), window_s))
+    return _frame(*_score_codes(_prepare(events), window_s)[:4])
 
 
 # -- selection -----------------------------------------------------------------------------------
@@ -173,18 +214,54 @@ def _top_k(ends: np.ndarray, score: np.ndarray, k: int) -> np.ndarray:
     return order[rank < k]
 
 
-def _select_codes(a: np.ndarray, b: np.ndarray, s: np.ndarray, n_ids: int, cfg: MineConfig
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
-    """Symmetrise (per cfg), drop score outliers, keep top-k partners per note.
+def _n_notes(q: np.ndarray, t: np.ndarray) -> int:
+    return len(np.unique(np.r_[q, t]))
 
-    a, b: (n,) note codes whose order is the id order; s: (n,) directed scores. Returns
-    (query, target, score, stats) sorted by (query, target); stats counts each stage.
+
+def _min_users(q: np.ndarray, t: np.ndarray, users: np.ndarray | None, cfg: MineConfig,
+               stats: dict) -> np.ndarray | None:
+    """Rows (bool mask) meeting ``cfg.min_users``, or None when every row stays: no threshold, or
+    too few notes would keep a pair (the fallback, with a warning)."""
+    if cfg.min_users <= 1:
+        return None
+    if users is None:
+        raise ValueError(f"min_users={cfg.min_users} needs distinct-user counts per pair "
+                         "(a 'users' column); these scores have none")
+    keep = users >= cfg.min_users
+    before, after = _n_notes(q, t), _n_notes(q[keep], t[keep])
+    stats["min_users"] = {"threshold": cfg.min_users, "pairs_kept": int(keep.sum()),
+                          "notes_with_pairs": before, "notes_kept": after,
+                          "applied": after >= MIN_USERS_COVERAGE * before}
+    if not stats["min_users"]["applied"]:
+        log.warning("mine.min_users=%d would leave %d of %d notes with a pair (%d of %d pairs), "
+                    "under %.0f %%: too sparse for a support threshold, so every pair is kept",
+                    cfg.min_users, after, before, int(keep.sum()), len(keep),
+                    100 * MIN_USERS_COVERAGE)
+        return None
+    return keep
+
+
+def _select_codes(a: np.ndarray, b: np.ndarray, s: np.ndarray, n_ids: int, cfg: MineConfig,
+                  users: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """Symmetrise (per cfg), drop pairs under ``min_users``, drop score outliers, keep top-k
+    partners per note.
+
+    a, b: (n,) note codes whose order is the id order; s: (n,) directed scores; users: (n,)
+    distinct-user counts as :func:`_cooccur` gives them for ``_support(cfg)`` (needed only when
+    ``cfg.min_users`` > 1; rows of one (a, b) are summed). Returns (query, target, score, stats)
+    sorted by (query, target); stats counts each stage.
     """
     n = np.int64(max(n_ids, 1))
     q, t = (np.minimum(a, b), np.maximum(a, b)) if cfg.symmetric else (a, b)
-    key, s = _group_sum(q.astype(np.int64) * n + t, s)
+    key, s, users = _group_sum(q.astype(np.int64) * n + t, s,
+                               users if cfg.min_users > 1 else None)
     q, t = key // n, key % n
     stats: dict = {"scored_pairs": len(s)}
+    keep = _min_users(q, t, users, cfg, stats)
+    if keep is not None:
+        q, t, s = q[keep], t[keep], s[keep]
+    stats["after_min_users"] = len(s)
     lo_q, hi_q = cfg.min_score_quantile, cfg.max_score_quantile
     if len(s) and (lo_q > 0.0 or hi_q < 1.0):
         lo, hi = np.quantile(s, [lo_q, hi_q])
@@ -208,18 +285,21 @@ def _select_codes(a: np.ndarray, b: np.ndarray, s: np.ndarray, n_ids: int, cfg: 
 def select_pairs(scores: pd.DataFrame, cfg: MineConfig) -> tuple[pd.DataFrame, dict]:
     """:func:`_select_codes` on a frame of directed scores (as from :func:`score_pairs`).
 
-    Duplicate (query_id, target_id) rows are summed. Returns (pairs, stats), pairs sorted by
-    (query_id, target_id).
+    Duplicate (query_id, target_id) rows are summed, and so is their ``users`` column, which
+    ``cfg.min_users`` > 1 needs (distinct-user counts as :func:`_cooccur` gives them, from
+    disjoint sets of users). Returns (pairs, stats), pairs sorted by (query_id, target_id).
     """
     codes, ids = pd.factorize(pd.concat([scores["query_id"], scores["target_id"]]), sort=True)
     a, b = np.split(codes, 2)
-    q, t, s, stats = _select_codes(a, b, scores["score"].to_numpy(np.float64), len(ids), cfg)
+    users = scores["users"].to_numpy(np.int64) if "users" in scores.columns else None
+    q, t, s, stats = _select_codes(a, b, scores["score"].to_numpy(np.float64), len(ids), cfg,
+                                   users)
     return _frame(ids, q, t, s), stats
 
 
 def _mine(ev: pd.DataFrame, cfg: MineConfig) -> tuple[pd.DataFrame, dict]:
-    ids, a, b, s = _score_codes(ev, cfg.window_s)
-    q, t, s, stats = _select_codes(a, b, s, len(ids), cfg)
+    ids, a, b, s, users = _score_codes(ev, cfg.window_s, _support(cfg))
+    q, t, s, stats = _select_codes(a, b, s, len(ids), cfg, users)
     clicks = int(ev["click"].sum())
     return _frame(ids, q, t, s), {"events": len(ev), "clicks": clicks, "views": len(ev) - clicks,
                                   "users": int(ev["user_id"].nunique()), **stats}
@@ -260,8 +340,8 @@ def mine_pairs_files(paths: Sequence[str], cfg: MineConfig, partitions: int = 16
 
     One pass writes every batch's rows to ``partitions`` temporary Parquet buckets by a hash of
     user_id, so each user (and so N_u) lies whole in one bucket; each bucket is then scored in
-    memory and the partial directed scores are summed before selection. Peak memory is about
-    one bucket plus the directed pair table.
+    memory and the partial directed scores (and distinct-user counts, for ``cfg.min_users``)
+    are summed before selection. Peak memory is about one bucket plus the directed pair table.
     """
     with tempfile.TemporaryDirectory(prefix="mine-pairs-") as tmp:
         writers: dict[int, pq.ParquetWriter] = {}
@@ -282,7 +362,8 @@ def mine_pairs_files(paths: Sequence[str], cfg: MineConfig, partitions: int = 16
             for w in writers.values():
                 w.close()
         partial = [_frame(*_score_codes(pq.read_table(os.path.join(tmp, f"{p}.parquet"))
-                                        .to_pandas(), cfg.window_s)) for p in sorted(writers)]
+                                        .to_pandas(), cfg.window_s, _support(cfg)))
+                   for p in sorted(writers)]
     if not partial:
         return mine_pairs(pd.DataFrame(columns=EVENT_COLUMNS), cfg)
     return select_pairs(pd.concat(partial, ignore_index=True), cfg)[0]  # sums across buckets

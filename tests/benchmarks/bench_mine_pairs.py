@@ -100,7 +100,8 @@ def bench_files(n: int, repeat: int, files: int = 4) -> tuple:
     from components.mine_pairs.run import MineConfig, mine_pairs, mine_pairs_files, select_pairs
 
     events = synthetic_events(n)
-    cfg = MineConfig(window_s=WINDOW_S, symmetric=False, top_k=10**9)  # keep every pair
+    cfg = MineConfig(window_s=WINDOW_S, symmetric=False, top_k=10**9,  # keep every pair
+                    min_users=1)  # the plain scores DuckDB computes too
     with tempfile.TemporaryDirectory() as tmp:
         paths = [os.path.join(tmp, f"events-{i}.parquet") for i in range(files)]
         for path, part in zip(paths, np.array_split(np.arange(n), files), strict=True):

@@ -1,6 +1,8 @@
 import json
+import logging
 import os
 from collections import Counter, defaultdict
+from dataclasses import replace
 from fractions import Fraction
 
 import numpy as np
@@ -9,6 +11,7 @@ import pytest
 
 from components.common.readers import read_table, write_table
 from components.common.schema import DataError
+from components.mine_pairs import run as mine_module
 from components.mine_pairs.run import (
     MineConfig,
     assert_no_leak,
@@ -16,6 +19,7 @@ from components.mine_pairs.run import (
     mine_pairs_files,
     run,
     score_pairs,
+    select_pairs,
     split_pairs,
 )
 
@@ -86,19 +90,19 @@ def test_window_edge_is_inclusive():
 
 
 def test_directed_top_k_breaks_ties_by_partner_id():
-    got = mine_pairs(HAND, MineConfig(window_s=600, symmetric=False, top_k=1))
+    got = mine_pairs(HAND, MineConfig(window_s=600, symmetric=False, top_k=1, min_users=1))
     # A: C 4/3 > D 1/2; B: C only; C: D 1/2 > B 1/3
     assert _as_dict(got) == _approx({("A", "C"): Fraction(4, 3), ("B", "C"): Fraction(5, 6),
                                      ("C", "D"): Fraction(1, 2)})
 
 
 def test_symmetric_pairs_are_undirected_and_top_k_counts_both_ends():
-    everything = mine_pairs(HAND, MineConfig(window_s=600, top_k=10))
+    everything = mine_pairs(HAND, MineConfig(window_s=600, top_k=10, min_users=1))
     assert _as_dict(everything) == _approx(HAND_SYMMETRIC)
     assert (everything["query_id"] < everything["target_id"]).all()
     # top-1: A keeps C (4/3), B keeps C (7/6), C keeps A (4/3), D ties A and C at 1/2 and keeps
     # A (smaller id); nobody keeps {C,D}
-    top1 = mine_pairs(HAND, MineConfig(window_s=600, top_k=1))
+    top1 = mine_pairs(HAND, MineConfig(window_s=600, top_k=1, min_users=1))
     assert _as_dict(top1) == _approx({k: HAND_SYMMETRIC[k] for k in
                                       [("A", "C"), ("A", "D"), ("B", "C")]})
 
@@ -107,9 +111,9 @@ def test_quantile_drop():
     # undirected scores sorted: 1/2, 1/2, 7/6, 4/3. The 0.75 quantile (linear) is
     # 7/6 + 0.25 * (4/3 - 7/6) = 29/24 < 4/3, so {A,C} goes; the 0.5 quantile is 5/6, so both
     # 1/2 pairs go.
-    high = mine_pairs(HAND, MineConfig(window_s=600, max_score_quantile=0.75))
+    high = mine_pairs(HAND, MineConfig(window_s=600, max_score_quantile=0.75, min_users=1))
     assert set(_as_dict(high)) == {("B", "C"), ("A", "D"), ("C", "D")}
-    low = mine_pairs(HAND, MineConfig(window_s=600, min_score_quantile=0.5))
+    low = mine_pairs(HAND, MineConfig(window_s=600, min_score_quantile=0.5, min_users=1))
     assert set(_as_dict(low)) == {("A", "C"), ("B", "C")}
 
 
@@ -125,23 +129,27 @@ def _random_log(seed: int) -> pd.DataFrame:
     return _log(rows)
 
 
-def _reference(events: pd.DataFrame, window_s: float, top_k: int, symmetric: bool) -> dict:
+def _reference(events: pd.DataFrame, window_s: float, top_k: int, symmetric: bool,
+               min_users: int = 1) -> dict:
     """The definition, written out with loops and exact fractions."""
     rows = list(zip(events["user_id"], events["note_id"], events["event"], events["ts"],
                     strict=True))
     n_clicks = Counter(u for u, _, e, _ in rows if e == "click")
     score: dict = defaultdict(Fraction)
+    users: dict = defaultdict(set)  # the distinct users behind each (un)directed pair
     for u, b, e, tc in rows:
         if e == "click":
             window = pd.Timedelta(seconds=window_s)
             for a in {a for v, a, e2, tv in rows
                       if v == u and e2 == "view" and a != b and tc - window <= tv <= tc}:
                 score[(a, b)] += Fraction(1, n_clicks[u])
+                users[(min(a, b), max(a, b)) if symmetric else (a, b)].add(u)
     if symmetric:
         undirected: dict = defaultdict(Fraction)
         for (a, b), s in score.items():
             undirected[min(a, b), max(a, b)] += s
         score = undirected
+    score = {k: s for k, s in score.items() if len(users[k]) >= min_users}
     partners = defaultdict(list)
     for (q, t), s in score.items():
         partners[q].append((-s, t, (q, t)))
@@ -150,27 +158,136 @@ def _reference(events: pd.DataFrame, window_s: float, top_k: int, symmetric: boo
     return {key: score[key] for lst in partners.values() for _, _, key in sorted(lst)[:top_k]}
 
 
+@pytest.mark.parametrize("min_users", [1, 2, 3])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_matches_the_definition_on_random_logs(seed, symmetric):
+def test_matches_the_definition_on_random_logs(seed, symmetric, min_users, monkeypatch):
+    monkeypatch.setattr(mine_module, "MIN_USERS_COVERAGE", 0.0)  # the threshold always applies
     events = _random_log(seed)
-    cfg = MineConfig(window_s=1800, top_k=2, symmetric=symmetric)
-    expected = _reference(events, cfg.window_s, cfg.top_k, symmetric)
+    cfg = MineConfig(window_s=1800, top_k=2, symmetric=symmetric, min_users=min_users)
+    expected = _reference(events, cfg.window_s, cfg.top_k, symmetric, min_users)
     assert expected
     assert _as_dict(mine_pairs(events, cfg)) == _approx(expected)
+    # every scored pair (no top-k): the threshold bites on these logs
+    every = _reference(events, cfg.window_s, 10**6, symmetric, min_users)
+    if min_users > 1:
+        assert len(every) < len(_reference(events, cfg.window_s, 10**6, symmetric))
+    assert _as_dict(mine_pairs(events, replace(cfg, top_k=10**6))) == _approx(every)
 
 
-def test_file_path_matches_in_memory(tmp_path):
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("min_users", [1, 2, 3])
+def test_file_path_matches_in_memory(tmp_path, min_users, symmetric, monkeypatch):
+    monkeypatch.setattr(mine_module, "MIN_USERS_COVERAGE", 0.0)
     events = pd.concat([_random_log(3), _random_log(4).assign(user_id=lambda d: d.user_id + "x")],
                        ignore_index=True)
     half = len(events) // 2
     events.iloc[:half].to_parquet(tmp_path / "a.parquet", index=False)
     events.iloc[half:].assign(ts=lambda d: d.ts.map(pd.Timestamp.isoformat)).to_csv(
         tmp_path / "b.csv", index=False)
-    cfg = MineConfig(window_s=1800, top_k=3)
+    cfg = MineConfig(window_s=1800, top_k=3, min_users=min_users, symmetric=symmetric)
     got = mine_pairs_files([str(tmp_path / "a.parquet"), str(tmp_path / "b.csv")], cfg,
                            partitions=3, batch_rows=17)
-    assert _as_dict(got) == _approx(_as_dict(mine_pairs(events, cfg)))
+    expected = mine_pairs(events, cfg)
+    assert len(expected) and _as_dict(got) == _approx(_as_dict(expected))
+    every = replace(cfg, top_k=10**6)
+    got = mine_pairs_files([str(tmp_path / "a.parquet"), str(tmp_path / "b.csv")], every,
+                           partitions=3, batch_rows=17)
+    expected = mine_pairs(events, every)
+    assert _as_dict(got) == _approx(_as_dict(expected))
+    if min_users > 1:  # the threshold bites
+        assert len(expected) < len(mine_pairs(events, replace(every, min_users=1)))
+
+
+# -- support threshold (mine.min_users) ----------------------------------------------------------
+# Distinct users per pair in HAND: {A,C} u1 u2 u3; {B,C} u1 (B→C), u3 (B→C and C→B: once);
+# {A,D} u2; {C,D} u2. Directed: A→C 3, B→C 2, C→B 1, A→D 1, C→D 1.
+
+
+@pytest.mark.parametrize(("symmetric", "min_users", "expected"), [
+    (True, 2, {k: HAND_SYMMETRIC[k] for k in [("A", "C"), ("B", "C")]}),
+    (True, 3, {("A", "C"): HAND_SYMMETRIC[("A", "C")]}),  # u3 counts once for {B,C}
+    (False, 2, {k: HAND_DIRECTED[k] for k in [("A", "C"), ("B", "C")]}),
+    (False, 3, {("A", "C"): HAND_DIRECTED[("A", "C")]}),
+])
+def test_min_users_hand_computed(symmetric, min_users, expected, monkeypatch):
+    monkeypatch.setattr(mine_module, "MIN_USERS_COVERAGE", 0.0)  # at 3 only 2 of 4 notes stay
+    cfg = MineConfig(window_s=600, symmetric=symmetric, min_users=min_users)
+    assert _as_dict(mine_pairs(HAND, cfg)) == _approx(expected)
+
+
+def test_min_users_drops_a_pair_from_one_user_however_strong(monkeypatch):
+    monkeypatch.setattr(mine_module, "MIN_USERS_COVERAGE", 0.0)  # 2 of the 4 notes keep a pair
+    # u1 produces X→Y three times (score 1 from one user); u2 and u3 each produce P→Q once
+    # (score 1/2 + 1/2 = 1 from two users)
+    events = _log([("u1", "X", "view", 0), ("u1", "Y", "click", 1), ("u1", "X", "view", 20),
+                   ("u1", "Y", "click", 21), ("u1", "X", "view", 40), ("u1", "Y", "click", 41),
+                   ("u2", "P", "view", 0), ("u2", "Q", "click", 1), ("u2", "Z", "click", 30),
+                   ("u3", "P", "view", 0), ("u3", "Q", "click", 1), ("u3", "Z", "click", 30)])
+    one = _as_dict(mine_pairs(events, MineConfig(window_s=600, min_users=1)))
+    assert one == _approx({("P", "Q"): 1, ("X", "Y"): 1})
+    two = mine_pairs(events, MineConfig(window_s=600, min_users=2))
+    assert _as_dict(two) == _approx({("P", "Q"): 1})
+
+
+def test_min_users_one_is_the_plain_miner():
+    # threshold 1 counts no users and needs no counts: scores selected without a 'users' column
+    # give the same frame bit for bit (the hand-computed and loop-reference tests above pin its
+    # values); a threshold no pair falls under changes nothing either (counting users does not
+    # touch the scores)
+    events = pd.concat([_drifting_log(0), _drifting_log(1)], ignore_index=True)
+    plain = mine_pairs(events, MineConfig(window_s=1800, min_users=1))
+    scores = score_pairs(events, 1800)
+    assert "users" not in scores.columns
+    selected, stats = select_pairs(scores, MineConfig(window_s=1800, min_users=1))
+    pd.testing.assert_frame_equal(selected, plain, check_exact=True)
+    assert "min_users" not in stats and stats["after_min_users"] == stats["scored_pairs"]
+    doubled = pd.concat([events, events.assign(user_id=events["user_id"] + "'")],
+                        ignore_index=True)  # every pair now has at least two users
+    pd.testing.assert_frame_equal(mine_pairs(doubled, MineConfig(window_s=1800, min_users=2)),
+                                  mine_pairs(doubled, MineConfig(window_s=1800, min_users=1)),
+                                  check_exact=True)
+
+
+def test_min_users_falls_back_on_sparse_logs(caplog):
+    # HAND at 2 keeps {A,C} and {B,C}: 3 of the 4 notes with a pair, the bar
+    # (MIN_USERS_COVERAGE = 3/4), so it applies; at 3 only {A,C} would stay, 2 of 4 notes, so the
+    # threshold is not applied (with a warning) and every pair is kept
+    assert mine_module.MIN_USERS_COVERAGE == 0.75
+    with caplog.at_level(logging.WARNING, logger=mine_module.__name__):
+        got = mine_pairs(HAND, MineConfig(window_s=600, min_users=2))
+    assert set(_as_dict(got)) == {("A", "C"), ("B", "C")} and not caplog.text
+    with caplog.at_level(logging.WARNING, logger=mine_module.__name__):
+        got = mine_pairs(HAND, MineConfig(window_s=600, min_users=3))
+    pd.testing.assert_frame_equal(got, mine_pairs(HAND, MineConfig(window_s=600, min_users=1)),
+                                  check_exact=True)
+    assert "min_users=3 would leave 2 of 4 notes with a pair (1 of 4 pairs)" in caplog.text
+    _, info = split_pairs(None, HAND, MineConfig(window_s=600, min_users=3,
+                                                 test_after="2030-01-01"))
+    assert info["mining_before"]["min_users"] == {"threshold": 3, "pairs_kept": 1,
+                                                  "notes_with_pairs": 4, "notes_kept": 2,
+                                                  "applied": False}
+    assert info["mining_before"]["after_min_users"] == info["mining_before"]["scored_pairs"] == 4
+
+
+def test_min_users_counts_alike_with_two_column_keys(monkeypatch):
+    # huge logs count (user, pair) as two columns instead of one packed int64: same pairs
+    events = pd.concat([_random_log(5), _random_log(6).assign(user_id=lambda d: d.user_id + "x")],
+                       ignore_index=True)
+    for symmetric in (True, False):
+        cfg = MineConfig(window_s=1800, top_k=10**6, symmetric=symmetric, min_users=2)
+        packed = mine_pairs(events, cfg)
+        monkeypatch.setattr(mine_module, "_ONE_KEY_LIMIT", 0)
+        pd.testing.assert_frame_equal(mine_pairs(events, cfg), packed, check_exact=True)
+        monkeypatch.undo()
+        assert len(packed) < len(mine_pairs(events, replace(cfg, min_users=1)))
+
+
+def test_min_users_needs_user_counts():
+    with pytest.raises(ValueError, match="'users' column"):
+        select_pairs(score_pairs(HAND, 600), MineConfig(window_s=600, min_users=2))
+    with pytest.raises(ValueError, match="min_users must be at least 1"):
+        MineConfig(min_users=0)
 
 
 def _drifting_log(seed: int = 0) -> pd.DataFrame:
@@ -194,7 +311,8 @@ def test_time_split_hand_computed():
     # before 12:25, N_u3 = 1 (click C@4), so train scores {A,C} 1/2+1/2+1 = 2, {B,C} 1/2+1 =
     # 3/2, {A,D} 1/2, {C,D} 1/2. After it u3 clicks B@31 and A@100 (N = 2): test {B,C} = 1/2.
     # Train pairs touching B or C are removed.
-    cfg = MineConfig(window_s=600, test_after="2024-05-01T12:25:00", val_share=0.0)
+    cfg = MineConfig(window_s=600, test_after="2024-05-01T12:25:00", val_share=0.0,
+                     min_users=1)
     splits, info = split_pairs(None, HAND, cfg)
     assert _as_dict(splits["test"]) == _approx({("B", "C"): Fraction(1, 2)})
     assert _as_dict(splits["train"]) == _approx({("A", "D"): Fraction(1, 2)})
