@@ -140,8 +140,7 @@ def make_pipeline(*, resources: bool = True, kubernetes_settings: bool = False):
                            index=idx.outputs["index"], **common, **tracked)
             reg.set_display_name("register").set_caching_options(False)
             with dsl.If(reg.outputs["Output"] == "promote", name="gate passed"):
-                prom = promote(decision=reg.outputs["decision"],
-                               mlflow_tracking_uri=mlflow_tracking_uri, **common)
+                prom = promote(decision=reg.outputs["decision"], **common, **tracked)
                 prom.set_display_name("promote to champion").set_caching_options(False)
                 place(prom)
             for task in (ing, mine, val, plan, emb, idx, ev, reg):

@@ -36,9 +36,9 @@ def register(model: Input[Model], evaluation: Input[Artifact], index: Input[Arti
 
 @dsl.component(base_image=component_image(), install_kfp_package=False)
 def promote(decision: Input[Artifact], preset: str, overrides: list,
-            mlflow_tracking_uri: str) -> str:
+            mlflow_tracking_uri: str, mlflow_run_id: str) -> str:
     """Give the version the gate passed the champion alias (the old champion becomes
-    previous_champion)."""
+    previous_champion); the ``promote`` step run records both versions."""
     import json
 
     import mlflow
@@ -52,5 +52,8 @@ def promote(decision: Input[Artifact], preset: str, overrides: list,
     client = mlflow.MlflowClient(tracking_uri=tracking.tracking_uri(mlflow_tracking_uri))
     with open(f"{decision.path}/decision.json") as f:
         version = json.load(f)["version"]
-    move(client, cfg.model_name, version, reason="pipeline gate")
+    with tracking.step_run(mlflow_tracking_uri, mlflow_run_id, "promote"):
+        aliases = move(client, cfg.model_name, version, reason="pipeline gate")
+        mlflow.set_tags({"model_name": cfg.model_name, "model_version": version}
+                        | {k: v or "-" for k, v in aliases.items()})
     return f"models:/{cfg.model_name}@champion"

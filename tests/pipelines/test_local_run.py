@@ -49,7 +49,7 @@ def test_pipeline_runs_end_to_end(demo_dir, tmp_path):
     # one nested run per step, finished, carrying the pipeline run's tags
     steps = step_runs(res.tracking_uri, run.info.run_id)
     assert set(steps) == {"ingest", "mine_pairs", "validate", "train", "embed", "index",
-                          "evaluate", "register"}
+                          "evaluate", "register", "promote"}  # the first run is promoted
     for name, child in steps.items():
         assert child.info.status == "FINISHED", name
         assert child.data.tags["kfp_run_id"] == run.data.tags["kfp_run_id"], name
@@ -57,7 +57,8 @@ def test_pipeline_runs_end_to_end(demo_dir, tmp_path):
     assert steps["evaluate"].data.metrics["R_at_10"] == pytest.approx(m["R@10"])
     assert steps["index"].data.metrics["index/recall"] >= 0.95
     assert steps["embed"].data.metrics["embed/notes"] > 0
-    assert steps["register"].data.tags["decision"] in ("promote", "hold")
+    assert steps["register"].data.tags["decision"] == "promote"
+    assert steps["promote"].data.tags["champion"] == steps["register"].data.tags["model_version"]
     # the demo ships events: training pairs were mined and the split recorded
     mined = steps["mine_pairs"].data
     assert mined.params["mine.split.method"] == "time" and mined.params["mine.split.cutoff"]
