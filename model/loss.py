@@ -2,9 +2,15 @@
 
 ``scale = exp(log_scale) = 1 / temperature``. The 2N notes of N pairs are laid out as
 ``[a_1..a_N, b_1..b_N]``; each note's positive is its partner, every other note of every rank is a
-negative, and the note itself is masked. Embeddings are gathered from all ranks without gradient,
-then the local slice is put back with its gradient, so each rank back-propagates through its own
-notes and the negatives grow with the world size.
+negative, and the note itself is masked.
+
+Across ranks the embeddings are gathered with an all-gather that carries gradient
+(:class:`AllGather`): rank r scores its own 2N rows against everyone's notes, and in the backward
+pass the gradient every rank computed for a note — as an anchor in its owner's rows and as a
+negative in every other rank's rows — is summed back to the rank that owns it. With the data
+parallel engine averaging parameter gradients over ranks, the step equals the gradient of the
+whole-batch loss. Gathering without gradient (or keeping only the local slice's) gets the loss
+value right and the gradient wrong: a note never learns from being another rank's negative.
 """
 
 from __future__ import annotations
@@ -16,15 +22,43 @@ import torch.nn.functional as F
 MAX_LOG_SCALE = 4.6052  # scale at most 100
 
 
-def gather_with_local_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """All-gather ``x`` (n, ...) across ranks; returns (world*n, ...) and this rank's offset."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+class AllGather(torch.autograd.Function):
+    """``all_gather`` whose backward sums every rank's gradient for a slice and hands it to the
+    slice's owner. Gradients are summed, not averaged: the engine averages over ranks after.
+
+    An all-reduce then a slice, rather than a reduce-scatter, so that it runs on gloo (CPU) too.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        world, rank = dist.get_world_size(), dist.get_rank()
+        ctx.rank, ctx.n = rank, x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)  # (world*n, ...)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _gather(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All-gather ``x`` (n, ...) across ranks, with gradient when ``x`` has one; returns
+    (world*n, ...) and this rank's offset in it."""
+    if not _distributed():
         return x, 0
-    world, rank = dist.get_world_size(), dist.get_rank()
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.detach().contiguous())
-    parts[rank] = x  # keep the gradient of the local slice
-    return torch.cat(parts, dim=0), rank * x.shape[0]
+    offset = dist.get_rank() * x.shape[0]
+    if not x.requires_grad:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0), offset
+    return AllGather.apply(x), offset
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, log_scale: torch.Tensor,
@@ -33,16 +67,19 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, log_scale: torch.Tensor,
     a negative that is the same note as the anchor (a note in two pairs of a batch) is masked."""
     local = torch.cat([a, b], dim=0)  # (2N, d)
     n2 = local.shape[0]
-    everyone, offset = gather_with_local_grad(local) if gather else (local, 0)  # (W*2N, d)
+    everyone, offset = _gather(local) if gather else (local, 0)  # (W*2N, d)
+    # the anchors are read from the gathered tensor too, so that their gradient also takes the
+    # all-gather's way back (summed over ranks with the negative side's, then averaged)
+    anchors = everyone[offset:offset + n2]  # (2N, d)
     scale = log_scale.clamp(max=MAX_LOG_SCALE).exp()
-    logits = scale * local @ everyone.T  # (2N, W*2N)
+    logits = scale * anchors @ everyone.T  # (2N, W*2N)
     rows = torch.arange(n2, device=local.device)
     self_col = offset + rows
     target = offset + (rows + n2 // 2) % n2
     mask = torch.zeros_like(logits, dtype=torch.bool)
     mask[rows, self_col] = True
     if keys is not None:
-        all_keys, _ = gather_with_local_grad(keys) if gather else (keys, 0)
+        all_keys, _ = _gather(keys) if gather else (keys, 0)
         same = keys[:, None] == all_keys[None, :]  # (2N, W*2N)
         same[rows, target] = False
         mask |= same
