@@ -30,7 +30,7 @@ class NoteCollator:
         self.prompts = model.prompts
         self.tokenizer = model.tokenizer
         self.processor = model.image_processor
-        self.image_size = model.config.image_size
+        self.pixel_shape = model.pixel_shape  # (3, H, W): the tower's own geometry
         self.with_images = model.vision is not None
 
     def token_ids(self, notes: Sequence[NoteInput]) -> list[list[int]]:
@@ -57,9 +57,8 @@ class NoteCollator:
         return batch
 
     def pixels(self, images: list) -> torch.Tensor:
-        """(B, 3, S, S); zeros where a note has no image."""
-        s = self.image_size
-        out = torch.zeros((len(images), 3, s, s), dtype=torch.float32)
+        """(B, 3, H, W) as the tower's processor makes them; zeros where a note has no image."""
+        out = torch.zeros((len(images), *self.pixel_shape), dtype=torch.float32)
         present = [i for i, im in enumerate(images) if im is not None]
         if present:
             rgb = [images[i].convert("RGB") for i in present]

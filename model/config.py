@@ -36,7 +36,16 @@ class ModelConfig:
     title_max_chars: int = 20
     content_max_chars: int = 80
     max_topics: int = 10
+    # the side of the tiny tower's images; a loaded tower's image geometry and normalisation
+    # come from its own image processor (CLIP 224/336, SigLIP 384, ...)
     image_size: int = 224
+    # vision features: the hidden layer whose tokens feed the connector (-1 = the tower's output;
+    # LLaVA-style towers take -2) and the image vector late fusion gates with:
+    # "auto" = the CLS token of that layer where the tower has one (CLIP; the reference code's
+    # `image_features[:, 0]`), else the tower's pooled output (SigLIP's attention-pooling head);
+    # "cls" = always the first token; "pooled" = always the tower's pooler output
+    vision_layer: int = -1
+    vision_cls: str = "auto"
     # loss
     log_scale_init: float = 3.0  # learnable log of 1/temperature; e^3 ≈ 20
     loss_weight_m: float = 9.0
@@ -65,6 +74,8 @@ class ModelConfig:
         if self.prompt_language not in ("en", "zh"):
             raise ValueError(f"model.prompt_language must be 'en' or 'zh', "
                              f"not {self.prompt_language!r}")
+        if self.vision_cls not in ("auto", "cls", "pooled"):
+            raise ValueError(f"model.vision_cls must be auto, cls or pooled, not {self.vision_cls!r}")
         if self.embed_dim <= 0 or self.num_query_tokens <= 0:
             raise ValueError("model.embed_dim and model.num_query_tokens must be positive")
 

@@ -7,7 +7,9 @@ S image side, d embedding size.
 from __future__ import annotations
 
 import json
+import logging
 import os
+from contextlib import contextmanager, nullcontext
 from dataclasses import fields
 
 import torch
@@ -16,9 +18,10 @@ from torch import nn
 
 from model.config import TINY, ModelConfig
 from model.prompts import IMG, IMG_EMB, PromptBuilder
-from model.tokenizer import add_placeholder_tokens, resize_with_mean, train_tiny_tokenizer
+from model.tokenizer import add_placeholder_tokens, init_new_rows, train_tiny_tokenizer
 
 FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
 
 
 class MlpConnector(nn.Module):
@@ -86,7 +89,10 @@ class NoteLLM2(nn.Module):
     """LLM + vision tower + connector + late fusion + 64-d head, one code path for all variants."""
 
     def __init__(self, config: ModelConfig, llm: nn.Module, vision: nn.Module | None,
-                 tokenizer, image_processor=None):
+                 tokenizer, image_processor=None, *, init_context=nullcontext):
+        """``init_context`` is entered while the new parts (connector, fusion, head) are created:
+        ``deepspeed.zero.Init`` under ZeRO-3. The temperature, a 0-dim parameter, stays outside
+        (DeepSpeed partitions tensors as bytes, which a 0-dim tensor cannot be viewed as)."""
         super().__init__()
         self.config = config
         self.llm = llm
@@ -95,9 +101,10 @@ class NoteLLM2(nn.Module):
         self.image_processor = image_processor
         H = llm.config.hidden_size
         Dv = vision.config.hidden_size if vision is not None else 0
-        self.connector = build_connector(config, Dv, H) if config.uses_image_tokens else None
-        self.fusion = LateFusion(Dv, H) if config.uses_fusion else None
-        self.head = nn.Linear(H, config.embed_dim, bias=False)
+        with init_context():
+            self.connector = build_connector(config, Dv, H) if config.uses_image_tokens else None
+            self.fusion = LateFusion(Dv, H) if config.uses_fusion else None
+            self.head = nn.Linear(H, config.embed_dim, bias=False)
         self.log_scale = nn.Parameter(torch.tensor(float(config.log_scale_init)))
         self.img_id = tokenizer.convert_tokens_to_ids(IMG)
         self.img_emb_id = tokenizer.convert_tokens_to_ids(IMG_EMB)
@@ -106,10 +113,22 @@ class NoteLLM2(nn.Module):
             num_query_tokens=config.num_query_tokens, max_tokens=config.max_tokens,
             title_max_chars=config.title_max_chars, content_max_chars=config.content_max_chars,
             max_topics=config.max_topics)
+        self.has_cls_token = vision is not None and any(
+            name.endswith(("class_embedding", "cls_token")) for name, _ in vision.named_parameters())
+        if config.vision_cls == "cls" and vision is not None and not self.has_cls_token:
+            raise ValueError(f"model.vision_cls=cls but the {vision.config.model_type} tower has "
+                             "no CLS token; use auto or pooled")
+        # the image vector fusion gates with: the CLS token of the chosen layer where there is
+        # one (the reference's `image_features[:, 0]`), else the tower's pooled output
+        self.cls_from_token = config.vision_cls == "cls" or (config.vision_cls == "auto"
+                                                             and self.has_cls_token)
+        self.pixel_shape = pixel_shape(image_processor, vision) if vision is not None else None
         self.set_trainable(vision=config.train_vision, llm=config.train_llm,
                            connector=config.train_connector, fusion=config.train_fusion)
-        if config.gradient_checkpointing and hasattr(llm, "gradient_checkpointing_enable"):
-            llm.gradient_checkpointing_enable()
+        checkpointing = (getattr(llm, "activation_checkpointing_enable", None)  # transformers 5
+                         or getattr(llm, "gradient_checkpointing_enable", None))
+        if config.gradient_checkpointing and checkpointing is not None:
+            checkpointing()
 
     # -- parts --------------------------------------------------------------------------------
 
@@ -119,15 +138,13 @@ class NoteLLM2(nn.Module):
             if module is not None:
                 module.requires_grad_(flag)
 
-    @property
-    def has_cls_token(self) -> bool:
-        return self.vision is not None and "clip" in self.vision.config.model_type
-
     def encode_image(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 3, S, S) -> vision tokens (B, 1+P, Dv) (CLIP; (B, P, Dv) for SigLIP),
-        pooled CLS (B, Dv)."""
-        out = self.vision(pixel_values=pixel_values)
-        return out.last_hidden_state, out.pooler_output
+        """(B, 3, S, S) -> vision tokens of ``model.vision_layer`` (B, 1+P, Dv) with a CLS
+        token (CLIP), (B, P, Dv) without (SigLIP); and the image vector (B, Dv)."""
+        layer = self.config.vision_layer
+        out = self.vision(pixel_values=pixel_values, output_hidden_states=layer != -1)
+        tokens = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
+        return tokens, tokens[:, 0] if self.cls_from_token else out.pooler_output
 
     # -- forward ------------------------------------------------------------------------------
 
@@ -144,8 +161,7 @@ class NoteLLM2(nn.Module):
         embeds = self.llm.get_input_embeddings()(input_ids)  # (B, T, H)
         cls = None
         if self.vision is not None and pixel_values is not None:
-            vision_dtype = next(self.vision.parameters()).dtype
-            tokens, cls = self.encode_image(pixel_values.to(vision_dtype))
+            tokens, cls = self.encode_image(pixel_values.to(embeds.dtype))
             if self.connector is not None:
                 if isinstance(self.connector, MlpConnector) and self.has_cls_token:
                     tokens = tokens[:, 1:]  # LLaVA style: patches only
@@ -193,7 +209,10 @@ class NoteLLM2(nn.Module):
         save_model(self, os.path.join(path, "model.safetensors"))
 
     @classmethod
-    def from_pretrained(cls, path: str, map_location: str = "cpu") -> NoteLLM2:
+    def from_pretrained(cls, path: str, map_location: str = "cpu",
+                        dtype: torch.dtype = torch.float32) -> NoteLLM2:
+        """Load an exported model with every part in ``dtype`` (see :mod:`model.precision`),
+        whatever dtype it was trained and stored in."""
         from safetensors.torch import load_model
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
@@ -205,13 +224,15 @@ class NoteLLM2(nn.Module):
         known = {f.name for f in fields(ModelConfig)}
         config = ModelConfig(**{k: v for k, v in saved["model"].items() if k in known})
         tokenizer = AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"))
+        # the saved configs carry the dtype training ran in; from_config would build in it
         llm = AutoModel.from_config(AutoConfig.from_pretrained(os.path.join(path, "llm")),
-                                    trust_remote_code=config.trust_remote_code)
+                                    trust_remote_code=config.trust_remote_code, dtype=dtype)
         vision = processor = None
         if os.path.isdir(os.path.join(path, "vision")):
-            vision = AutoModel.from_config(AutoConfig.from_pretrained(os.path.join(path, "vision")))
+            vision = AutoModel.from_config(AutoConfig.from_pretrained(os.path.join(path, "vision")),
+                                           dtype=dtype)
             processor = load_image_processor(os.path.join(path, "image_processor"))
-        model = cls(config, llm, vision, tokenizer, processor)
+        model = cls(config, llm, vision, tokenizer, processor).to(dtype)
         load_model(model, os.path.join(path, "model.safetensors"), device=map_location)
         return model.eval()
 
@@ -226,6 +247,38 @@ def load_image_processor(path: str):
         return AutoImageProcessor.from_pretrained(path)
 
 
+def default_image_processor(vision_config):
+    """The processor a tower of this family is published with, at the tower's own image size:
+    SigLIP resizes to S x S around 0.5 mean/std; CLIP resizes the shortest edge and centre-crops,
+    with OpenAI's mean/std."""
+    from transformers import CLIPImageProcessorPil, SiglipImageProcessorPil
+
+    s = vision_config.image_size
+    if "siglip" in vision_config.model_type:
+        return SiglipImageProcessorPil(size={"height": s, "width": s})
+    return CLIPImageProcessorPil(size={"shortest_edge": s}, crop_size={"height": s, "width": s})
+
+
+def pixel_shape(processor, vision) -> tuple[int, int, int]:
+    """(3, H, W) of what ``processor`` makes of any photo, checked against the tower: a processor
+    must give one fixed size whatever the photo's aspect, and the size the tower was built for."""
+    from PIL import Image
+
+    shapes = {tuple(processor(images=[Image.new("RGB", size)], return_tensors="pt")
+                    ["pixel_values"].shape[1:]) for size in ((64, 48), (48, 64))}
+    name = getattr(vision.config, "_name_or_path", "") or vision.config.model_type
+    if len(shapes) > 1:
+        raise ValueError(f"the image processor of {name} gives images of different sizes "
+                         f"({sorted(shapes)}) for photos of different aspect: it must resize or "
+                         "crop to one size (check preprocessor_config.json)")
+    shape = shapes.pop()
+    side = getattr(vision.config, "image_size", None)
+    if side is not None and shape[1:] != (side, side):
+        raise ValueError(f"the image processor of {name} gives {shape[1]}x{shape[2]} images but "
+                         f"the tower is built for {side}x{side} (check preprocessor_config.json)")
+    return shape
+
+
 # -- builders ------------------------------------------------------------------------------------
 
 
@@ -238,29 +291,32 @@ def build_connector(config: ModelConfig, vision_width: int, llm_width: int) -> n
                             cross_attention_frequency=config.qformer_cross_attention_frequency)
 
 
-def build_model(config: ModelConfig, *, corpus: list[str] | None = None, seed: int = 0) -> NoteLLM2:
-    """Build a fresh NoteLLM-2 from ``config``. ``corpus`` trains the tiny tokenizer."""
+def build_model(config: ModelConfig, *, corpus: list[str] | None = None, seed: int = 0,
+                dtype: torch.dtype = torch.float32, init_context=nullcontext) -> NoteLLM2:
+    """Build a fresh NoteLLM-2 from ``config`` with every part in ``dtype`` (see
+    :mod:`model.precision`), whatever dtype the checkpoints are stored in. ``corpus`` trains the
+    tiny tokenizer.
+
+    Under DeepSpeed ZeRO-3 ``init_context`` is ``deepspeed.zero.Init`` (and transformers'
+    ``HfDeepSpeedConfig`` is alive): every part is created partitioned and the checkpoints are
+    read by rank 0 only, so no process holds the whole model.
+    """
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer(config, corpus or [])
-    llm = build_llm(config, tokenizer)
-    vision, processor = build_vision(config) if config.needs_vision else (None, None)
-    return NoteLLM2(config, llm, vision, tokenizer, processor)
+    with init_context():
+        tokenizer, llm = build_llm(config, corpus or [], dtype)
+        vision, processor = build_vision(config, dtype) if config.needs_vision else (None, None)
+    model = NoteLLM2(config, llm, vision, tokenizer, processor, init_context=init_context)
+    if not any(hasattr(p, "ds_id") for p in model.parameters()):
+        model.to(dtype)  # the new parts; ZeRO-3 created them in its own dtype already
+    return model
 
 
-def build_tokenizer(config: ModelConfig, corpus: list[str]):
-    if config.llm == TINY:
-        return train_tiny_tokenizer(corpus, vocab_size=config.tiny_vocab_size)
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(config.llm, trust_remote_code=config.trust_remote_code)
-    add_placeholder_tokens(tok)
-    return tok
-
-
-def build_llm(config: ModelConfig, tokenizer) -> nn.Module:
-    from transformers import AutoModel, Qwen2Config
+def build_llm(config: ModelConfig, corpus: list[str], dtype: torch.dtype):
+    """The tokenizer (placeholders added, pad set) and the decoder, new rows at the mean."""
+    from transformers import AutoModel, AutoTokenizer, Qwen2Config
 
     if config.llm == TINY:
+        tokenizer = train_tiny_tokenizer(corpus, vocab_size=config.tiny_vocab_size)
         h = config.tiny_hidden_size
         llm_config = Qwen2Config(
             vocab_size=len(tokenizer), hidden_size=h, intermediate_size=2 * h,
@@ -268,47 +324,67 @@ def build_llm(config: ModelConfig, tokenizer) -> nn.Module:
             num_key_value_heads=config.tiny_num_heads, max_position_embeddings=1024,
             tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
         )
-        return AutoModel.from_config(llm_config)
-    llm = load_decoder(config.llm, trust_remote_code=config.trust_remote_code)
-    old = llm.get_input_embeddings().weight.shape[0]
-    resize_with_mean(llm, tokenizer, max(0, len(tokenizer) - old))
-    return llm
+        return tokenizer, AutoModel.from_config(llm_config, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(config.llm,
+                                              trust_remote_code=config.trust_remote_code)
+    trained = len(tokenizer)
+    new_ids = add_placeholder_tokens(tokenizer)
+    llm = load_decoder(config.llm, dtype=dtype, trust_remote_code=config.trust_remote_code)
+    init_new_rows(llm, new_ids, trained)
+    return tokenizer, llm
 
 
-def load_decoder(name_or_path: str, *, trust_remote_code: bool = False) -> nn.Module:
-    """The decoder body (no LM head) of a causal LLM: ``AutoModel`` where the architecture maps
-    to its base model (Qwen2/3, Llama, Mistral, ...), else the causal-LM class's decoder."""
+def load_decoder(name_or_path: str, *, dtype: torch.dtype = torch.float32,
+                 trust_remote_code: bool = False) -> nn.Module:
+    """The decoder body (no LM head) of a causal LLM in ``dtype``: ``AutoModel`` where the
+    architecture maps to its base model (Qwen2/3, Llama, Mistral, ...), else the causal-LM
+    class's decoder."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     cfg = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    try:
-        return AutoModel.from_pretrained(name_or_path, config=cfg,
-                                         trust_remote_code=trust_remote_code)
-    except ValueError:
-        lm = AutoModelForCausalLM.from_pretrained(name_or_path, config=cfg,
-                                                  trust_remote_code=trust_remote_code)
-        return lm.get_decoder()
+    kw = {"config": cfg, "dtype": dtype, "trust_remote_code": trust_remote_code}
+    with _quiet_load_report():
+        try:
+            return AutoModel.from_pretrained(name_or_path, **kw)
+        except ValueError:
+            return AutoModelForCausalLM.from_pretrained(name_or_path, **kw).get_decoder()
 
 
-def build_vision(config: ModelConfig):
-    from transformers import AutoConfig, AutoImageProcessor, AutoModel, CLIPVisionConfig
+def build_vision(config: ModelConfig, dtype: torch.dtype = torch.float32):
+    """The vision tower in ``dtype`` and its image processor. A full CLIP/SigLIP checkpoint
+    (text tower included) gives its vision tower; a folder without ``preprocessor_config.json``
+    gets the family's standard processor at the tower's image size, with a warning."""
+    from transformers import AutoConfig, AutoModel, CLIPVisionConfig
 
     if config.vision == TINY:
-        from transformers import CLIPImageProcessorPil
-
         w = config.tiny_vision_hidden_size
         vc = CLIPVisionConfig(hidden_size=w, intermediate_size=2 * w,
                               num_hidden_layers=config.tiny_vision_layers, num_attention_heads=4,
                               image_size=config.image_size, patch_size=config.tiny_patch_size)
-        s = config.image_size
-        processor = CLIPImageProcessorPil(size={"shortest_edge": s},
-                                          crop_size={"height": s, "width": s})
-        return AutoModel.from_config(vc), processor
-    vc = AutoConfig.from_pretrained(config.vision)
+        return AutoModel.from_config(vc, dtype=dtype), default_image_processor(vc)
+    vc = AutoConfig.from_pretrained(config.vision, trust_remote_code=config.trust_remote_code)
     vc = getattr(vc, "vision_config", vc)  # a full CLIP/SigLIP checkpoint: take its tower
-    from transformers import CLIPVisionModel, SiglipVisionModel
-
-    tower = SiglipVisionModel if "siglip" in vc.model_type else CLIPVisionModel
-    vision = tower.from_pretrained(config.vision)
-    processor = AutoImageProcessor.from_pretrained(config.vision)
+    tower = AutoModel._model_mapping[type(vc)]  # CLIPVisionModel, SiglipVisionModel, ...
+    with _quiet_load_report():
+        vision = tower.from_pretrained(config.vision, config=vc, dtype=dtype)
+    try:
+        processor = load_image_processor(config.vision)
+    except OSError:
+        log.warning("%s has no image processor config: using the %s default at %d px",
+                    config.vision, vc.model_type, vc.image_size)
+        processor = default_image_processor(vc)
     return vision, processor
+
+
+@contextmanager
+def _quiet_load_report():
+    """transformers prints a table of the checkpoint keys it did not use; a causal LM's
+    ``lm_head`` and a CLIP checkpoint's text tower are left out on purpose."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)

@@ -16,7 +16,7 @@ and the compression suffix appended after, so the suffix is never cut.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 IMG = "<IMG>"
 IMG_EMB = "<IMG_EMB>"
@@ -78,9 +78,30 @@ def note_body(note: NoteInput, *, title_max: int, content_max: int, max_topics: 
                      for k, v in ((k_title, title), (k_topic, topics), (k_content, content)))
 
 
+def special_affixes(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids a tokenizer puts before and after a text when asked for its special tokens:
+    ``([bos], [])`` for Llama-2/3 and Mistral, ``([], [])`` for Qwen2, ``([], [eos])`` for a
+    tokenizer that closes every sequence."""
+    probe = "note"
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe)["input_ids"]
+    for k in range(len(full) - len(plain) + 1):
+        if full[k:k + len(plain)] == plain:
+            return full[:k], full[k + len(plain):]
+    return [], []
+
+
 @dataclass
 class PromptBuilder:
-    """Turns notes into token ids for one variant. Fixed pieces are tokenised once."""
+    """Turns notes into token ids for one variant.
+
+    Tokenisation follows the reference implementation: the special tokens a tokenizer adds in
+    front (BOS for Llama-family models, which never saw a sequence without it) are kept, the head
+    of the prompt and the note's fields are tokenised together as one text (so SentencePiece
+    tokenizers see no word boundary that is not in the text), and the compression suffix is
+    tokenised on its own without special tokens and appended after truncation. Special tokens a
+    tokenizer appends (an EOS) are left out: the last token must be the suffix's.
+    """
 
     tokenizer: object
     variant: str
@@ -90,26 +111,24 @@ class PromptBuilder:
     title_max_chars: int = 20
     content_max_chars: int = 80
     max_topics: int = 10
-    _pieces: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        t = TEMPLATES[self.language]
-        self.template = t
+        t = self.template = TEMPLATES[self.language]
         self.img_id = self.tokenizer.convert_tokens_to_ids(IMG)
         self.img_emb_id = self.tokenizer.convert_tokens_to_ids(IMG_EMB)
         if self.variant in ("micl", "notellm2"):
-            head = self._ids(t.image_note) + self._ids(t.open)
+            self.head_text = t.image_note + t.open
         elif self.variant == "mllm_basic":
-            head = self._ids(t.open) + self._ids(t.basic_image_field)
+            self.head_text = t.open + t.basic_image_field
         else:  # text_only, late_fusion: the text prompt alone
-            head = self._ids(t.open)
-        # one <IMG> in the template -> num_query_tokens image slots
-        expanded: list[int] = []
-        for i in head:
-            expanded.extend([i] * self.num_query_tokens if i == self.img_id else [i])
-        self.head = expanded
+            self.head_text = t.open
+        self.prefix, _ = special_affixes(self.tokenizer)
         self.close = self._ids(t.close)
-        self.text_budget = self.max_tokens - (len(self.head) - self.image_slots) - len(self.close)
+        head = self._ids(self.head_text)
+        # the one <IMG> of the template becomes num_query_tokens slots; it counts as no text
+        self.placeholders = head.count(self.img_id)
+        self.head_tokens = len(self.prefix) + len(head) - self.placeholders
+        self.text_budget = self.max_tokens - self.head_tokens - len(self.close)
         if self.text_budget < 8:
             raise ValueError(f"model.max_tokens={self.max_tokens} leaves {self.text_budget} tokens "
                              "for the note text after the prompt; raise it")
@@ -126,6 +145,16 @@ class PromptBuilder:
                           max_topics=self.max_topics, template=self.template) for n in notes]
 
     def encode(self, notes: list[NoteInput]) -> list[list[int]]:
-        """Token ids per note: head (with image slots) + truncated body + suffix."""
-        bodies = self.tokenizer(self.bodies(notes), add_special_tokens=False)["input_ids"]
-        return [self.head + body[: self.text_budget] + self.close for body in bodies]
+        """Token ids per note: special prefix + head (image slots expanded) + body cut to the
+        token budget + suffix."""
+        texts = [self.head_text + body for body in self.bodies(notes)]
+        keep = self.max_tokens - len(self.prefix) - len(self.close) + self.placeholders
+        slots = [self.img_id] * self.num_query_tokens
+        out = []
+        for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]:
+            ids = ids[:keep]
+            if self.placeholders:
+                at = ids.index(self.img_id)
+                ids = ids[:at] + slots + ids[at + 1:]
+            out.append(self.prefix + ids + self.close)
+        return out

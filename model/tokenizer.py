@@ -34,26 +34,55 @@ def _chain(fixed: list[str], texts: Iterable[str]):
     yield from texts
 
 
-def add_placeholder_tokens(tokenizer) -> int:
-    """Add ``<IMG>``/``<IMG_EMB>`` (and a pad token where missing); returns how many were new."""
-    added = tokenizer.add_special_tokens({"additional_special_tokens": [IMG, IMG_EMB]},
-                                         replace_extra_special_tokens=False)
+def add_placeholder_tokens(tokenizer) -> list[int]:
+    """Add ``<IMG>``/``<IMG_EMB>``, and a pad token where the tokenizer has none (Llama-2/3,
+    Mistral): its EOS when it has one (every pad position is masked, so any id serves), else a
+    new ``<pad>``. Returns the ids that are new to the vocabulary; their embedding rows must be
+    initialised (:func:`init_new_rows`)."""
+    before = set(tokenizer.get_vocab())
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMG, IMG_EMB]},
+                                 replace_extra_special_tokens=False)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token
         else:
-            added += tokenizer.add_special_tokens({"pad_token": PAD})
-    return added
+            tokenizer.add_special_tokens({"pad_token": PAD})
+    vocab = tokenizer.get_vocab()
+    return sorted(vocab[t] for t in set(vocab) - before)
 
 
-def resize_with_mean(llm, tokenizer, num_new: int) -> None:
-    """Grow the input embeddings to the tokenizer and start new rows at the mean of the old."""
+def init_new_rows(llm, new_ids: list[int], trained_rows: int) -> None:
+    """Give the new tokens an embedding row each, at the mean of the ``trained_rows`` first rows.
+
+    The matrix grows when a new id lies past its end (Llama: as many rows as tokens). A new id
+    can also fall on a row that exists but was never trained: Qwen2's matrix has spare rows
+    past its tokenizer (151,936 rows for 151,665 tokens), which hold arbitrary values; those rows
+    are reset too, so ``<IMG_EMB>`` starts from the mean in every case. Under DeepSpeed ZeRO-3
+    the matrix is partitioned: it is gathered, written by rank 0 and partitioned again.
+    """
     import torch
 
-    old = llm.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) <= old:
+    if not new_ids:
         return
-    llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    emb = llm.get_input_embeddings().weight
-    with torch.no_grad():
-        emb[old:] = emb[:old].mean(dim=0, keepdim=True)
+    rows = llm.get_input_embeddings().weight
+    total = getattr(rows, "ds_shape", rows.shape)[0]
+    if max(new_ids) >= total:
+        # transformers gathers a ZeRO-3 matrix itself while it resizes
+        llm.resize_token_embeddings(max(new_ids) + 1, mean_resizing=False)
+        rows = llm.get_input_embeddings().weight
+    with _gathered(rows), torch.no_grad():
+        mean = rows[: min(trained_rows, total)].float().mean(dim=0)
+        rows[torch.tensor(new_ids)] = mean.to(rows.dtype)
+
+
+def _gathered(param):
+    """The whole of ``param`` inside the block when DeepSpeed ZeRO-3 partitions it (rank 0's
+    writes are kept and partitioned again on exit); nothing to do otherwise. DeepSpeed is
+    imported only then, as transformers does for the same reason."""
+    from contextlib import nullcontext
+
+    if not hasattr(param, "ds_id"):
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([param], modifier_rank=0)
