@@ -42,6 +42,15 @@ class TrainConfig:
     lr: float = 3e-6
     weight_decay: float = 1e-3
     warmup_ratio: float = 0.1
+    # after the linear warmup: "cosine" decay to 0, "linear" decay to 0 (the reference recipe's
+    # warmup-decay), or "constant"
+    lr_schedule: str = "cosine"
+    # the model written at the end: "last" (the final weights) or "best" (the weights of the
+    # validation step with the lowest validation loss; needs validation pairs)
+    export: str = "last"
+    # chance that a training image is mirrored left-right (the reference recipe's random
+    # horizontal flip); 0 = never. Validation and inference never flip.
+    hflip: float = 0.0
     grad_clip: float = 1.0
     seed: int = 42
     log_every: int = 10
@@ -90,6 +99,13 @@ class TrainConfig:
                              "train.gpus_per_node not negative")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"train.zero_stage must be 0, 1, 2 or 3, not {self.zero_stage}")
+        if self.lr_schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"train.lr_schedule must be cosine, linear or constant, "
+                             f"not {self.lr_schedule!r}")
+        if self.export not in ("last", "best"):
+            raise ValueError(f"train.export must be last or best, not {self.export!r}")
+        if not 0.0 <= self.hflip <= 1.0:
+            raise ValueError(f"train.hflip must lie in [0, 1], not {self.hflip}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"train.precision must be auto, bf16 or fp32, not {self.precision!r}")
         if min(self.grad_accum, self.keep_checkpoints, self.batch_pairs) < 1:
@@ -259,16 +275,20 @@ PRESETS: dict[str, dict[str, object]] = {
         "embed.batch_size": 128,
     },
     # The paper's recipe at a size one GPU node handles (weights from the hub at run time).
+    # The reference recipe: 16 pairs per GPU, 1 epoch, lr 3e-6 with 10 % linear warmup and linear
+    # decay, weight decay 1e-3, random horizontal flips; image size from the tower's processor.
     "qwen2-0.5b-clip-b16": {
         "model.llm": "Qwen/Qwen2.5-0.5B", "model.vision": "openai/clip-vit-base-patch16",
-        "model.image_size": 224, "model.num_query_tokens": 16,
+        "model.num_query_tokens": 16,
         "train.batch_pairs": 16, "train.lr": 3e-6, "train.epochs": 1.0,
+        "train.lr_schedule": "linear", "train.hflip": 0.5,
         "train.new_params_lr_mult": 100.0,
     },
     "qwen2-7b-clip-b16": {
         "model.llm": "Qwen/Qwen2-7B", "model.vision": "openai/clip-vit-base-patch16",
-        "model.image_size": 224, "model.num_query_tokens": 16, "model.gradient_checkpointing": True,
+        "model.num_query_tokens": 16, "model.gradient_checkpointing": True,
         "train.batch_pairs": 16, "train.lr": 3e-6, "train.epochs": 1.0,
+        "train.lr_schedule": "linear", "train.hflip": 0.5, "train.zero_stage": 3,
         "train.new_params_lr_mult": 100.0,
     },
 }

@@ -7,6 +7,9 @@ Layout under the checkpoint root (a local folder or ``gs://`` prefix)::
         trainer_state.json       step, epoch, sampler position, config fingerprint, metrics
         rng-rank-00000.json ...  python / numpy / torch RNG states, one file per rank
         COMPLETE                 written last: only folders that have it count
+    best-model/                  train.export=best: the weights of the lowest validation loss
+        ... save_pretrained files
+        COMPLETE                 step and validation loss; written last
     nonfinite-step-00000731.json a diagnostic, when a loss turned NaN / inf
 
 Every rank writes into ``.tmp-step-XXXXXXXX``; once all have finished, rank 0 renames it and
@@ -33,6 +36,7 @@ from components.common import storage
 MARKER = "COMPLETE"
 DS_TAG = "ds"
 STATE = "trainer_state.json"
+BEST = "best-model"
 _STEP = re.compile(r"^step-(\d{8})$")
 
 
@@ -146,8 +150,48 @@ class CheckpointStore:
     def clear(self) -> None:
         """(rank 0) Forget every checkpoint of this root (``train.resume=false``)."""
         for name in self._names():
-            if name.startswith(".tmp-step-") or _STEP.match(name):
+            if name.startswith((".tmp-step-", BEST, ".tmp-" + BEST)) or _STEP.match(name):
                 _remove(storage.join(self.root, name))
+
+    # -- the best model (train.export=best) -------------------------------------------------
+
+    def best_staging(self) -> str:
+        return os.path.join(self.local, ".tmp-" + BEST)
+
+    def publish_best(self, staging: str, summary: dict) -> str:
+        """(rank 0) Replace the kept best model by the export in ``staging``: the old one loses
+        its marker first, the new one gets it last, so a crash in between leaves no folder that
+        claims to be complete."""
+        final = storage.join(self.root, BEST)
+        marker = storage.join(final, MARKER)
+        if storage.exists(marker):
+            _remove_file(marker)
+        if self.remote:
+            _remove(final)
+            storage.upload_dir(staging, final)
+            shutil.rmtree(staging, ignore_errors=True)
+        else:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(staging, final)
+        _write_durably(marker, json.dumps({**summary, "time": time.time()}, indent=1))
+        return final
+
+    def fetch_best(self, dest: str) -> dict:
+        """(rank 0) Copy the kept best model to ``dest`` (local or gs://, without its marker);
+        returns the marker's step and validation loss."""
+        final = storage.join(self.root, BEST)
+        summary = json.loads(storage.read_text(storage.join(final, MARKER)))
+        with tempfile.TemporaryDirectory() as tmp:
+            src = final
+            if self.remote:
+                src = os.path.join(tmp, BEST)
+                storage.download_dir(final, src)
+            if storage.is_gcs(dest):
+                storage.upload_dir(src, dest)
+                _remove_file(storage.join(dest, MARKER))
+            else:
+                shutil.copytree(src, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MARKER))
+        return summary
 
     def diagnostic(self, step: int) -> str:
         return storage.join(self.root, f"nonfinite-{step_name(step)}.json")
@@ -161,6 +205,14 @@ def _write_durably(uri: str, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _remove_file(uri: str) -> None:
+    if storage.is_gcs(uri):
+        bucket, blob = storage._split(uri)
+        storage._client().bucket(bucket).blob(blob).delete()
+    elif os.path.exists(uri):
+        os.remove(uri)
 
 
 def _remove(uri: str) -> None:

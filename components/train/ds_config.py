@@ -11,18 +11,19 @@ from __future__ import annotations
 import torch
 
 from components.common.config import TrainConfig
+from model.precision import compute_dtype
+
+
+def train_dtype(t: TrainConfig, device: str) -> torch.dtype:
+    """The dtype the model is built and trained in (:func:`model.precision.compute_dtype`):
+    bf16 on GPUs that support it (``auto``), fp32 on CPU; ``bf16``/``fp32`` force it."""
+    if t.precision == "bf16" and not device.startswith("cuda"):
+        raise ValueError("train.precision=bf16 needs a GPU; CPU processes train in fp32")
+    return compute_dtype(device, t.precision)
 
 
 def use_bf16(t: TrainConfig, device: str) -> bool:
-    """bf16 on GPUs that support it (``auto``), fp32 on CPU; ``bf16``/``fp32`` force it."""
-    if t.precision == "fp32":
-        return False
-    on_gpu = device.startswith("cuda")
-    if t.precision == "bf16":
-        if not on_gpu:
-            raise ValueError("train.precision=bf16 needs a GPU; CPU processes train in fp32")
-        return True
-    return on_gpu and torch.cuda.is_bf16_supported()
+    return train_dtype(t, device) == torch.bfloat16
 
 
 def zero_stage(t: TrainConfig, world: int) -> int:

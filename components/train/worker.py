@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import sys
 import time
 import traceback
@@ -42,10 +43,11 @@ from components.train.data import (
     make_collate,
     val_batches,
 )
-from components.train.ds_config import deepspeed_config
+from components.train.ds_config import deepspeed_config, train_dtype
 from model import NoteLLM2, build_model
 from model.collator import NoteCollator
 from model.loss import notellm2_loss
+from model.precision import dtype_name
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +107,18 @@ def config_from_dict(d: dict) -> RunConfig:
 # -- optimisation ------------------------------------------------------------------------------
 
 
-def lr_lambda(total: int, warmup: int):
+def lr_lambda(total: int, warmup: int, schedule: str = "cosine"):
+    """Learning-rate multiplier per step: linear warmup over ``warmup`` steps, then ``cosine``
+    or ``linear`` decay to 0 at ``total``, or ``constant``."""
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / max(1, warmup)
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if schedule == "linear":
+            return 1.0 - progress
+        if schedule == "constant":
+            return 1.0
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return f
 
@@ -150,20 +158,51 @@ class Objective(nn.Module):
         return losses
 
 
-def engine_module(model: NoteLLM2, ds, stage: int, device: str) -> Objective:
+def engine_module(model: NoteLLM2, ds, stage: int) -> Objective:
     """``model`` made ready for ``deepspeed.initialize`` (the train step and the GPU bench)."""
     # DeepSpeed broadcasts parameters as bytes, which fails for a 0-dim tensor: train the
     # temperature as shape (1,) and give it back its shape at export
     model.log_scale = nn.Parameter(model.log_scale.detach().reshape(1))
     objective = Objective(model)
     if stage == 3:
-        # ZeRO-3 does not broadcast rank 0's weights: make sure every rank starts from them
-        for p in model.parameters():
-            buf = p.data.to(device)  # NCCL sends from the GPU only
-            dist.broadcast(buf, 0)
-            p.data.copy_(buf)
+        # used in the loss, outside the module that owns it
         ds.zero.register_external_parameter(objective, model.log_scale)
     return objective
+
+
+def build_for_training(cfg: RunConfig, corpus: list[str], ds, ds_config: dict,
+                       dtype: torch.dtype) -> NoteLLM2:
+    """The model every rank trains, in ``dtype``.
+
+    Under ZeRO-3 it is built partitioned: inside ``deepspeed.zero.Init`` each parameter is
+    scattered over the ranks as soon as its module is created (random initialisations are rank
+    0's), and with transformers' ``HfDeepSpeedConfig`` alive ``from_pretrained`` reads the
+    checkpoint on rank 0 only and hands each layer's weights to its shards. No process holds the
+    whole model, which is what lets a 7B preset start on nodes with less host memory than
+    ``processes x model size``."""
+    if ds_config["zero_optimization"]["stage"] != 3:
+        return build_model(cfg.model, corpus=corpus, seed=cfg.train.seed, dtype=dtype)
+    # zero.Init patches tensor creation; a model class imported lazily inside it trips over
+    # torch._dynamo registering its polyfills, so dynamo is imported first
+    import torch._dynamo  # noqa: F401
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    # zero.Init reads the world size from DeepSpeed's own communicator
+    ds.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
+    hf_config = HfDeepSpeedConfig(ds_config)  # noqa: F841 -- transformers holds a weak reference
+    try:
+        # no explicit dtype: zero.Init takes it from the config (bf16 there = bf16 here), and
+        # an explicit dtype on a CPU accelerator is turned into bf16 by its precedence
+        return build_model(cfg.model, corpus=corpus, seed=cfg.train.seed, dtype=dtype,
+                           init_context=lambda: ds.zero.Init(config_dict_or_path=ds_config))
+    finally:
+        unset_hf_deepspeed_config()
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Parameters of the whole model, also when ZeRO-3 holds only a shard of each here."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
 
 # -- process set-up ----------------------------------------------------------------------------
@@ -296,26 +335,33 @@ class Trainer:
         self.ds_config = deepspeed_config(t, micro_batch=self.bsz, world=self.world,
                                           device=self.device)
         self.stage = self.ds_config["zero_optimization"]["stage"]
+        self.dtype = train_dtype(t, self.device)
 
-        model = build_model(cfg.model, corpus=data.corpus(), seed=t.seed)
+        model = build_for_training(cfg, data.corpus(), self.ds, self.ds_config, self.dtype)
         self._check_same_vocabulary(model)
         self.model = model
-        objective = engine_module(model, self.ds, self.stage, self.device)
+        objective = engine_module(model, self.ds, self.stage)
         torch.manual_seed(t.seed + self.rank)  # dropout differs between ranks, not between runs
 
         # the fused kernel on GPU (one launch for all master weights; not under CPU offload)
         opt = torch.optim.AdamW(param_groups(model, cfg), lr=t.lr,
                                 fused=self.on_gpu and not t.offload)
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lr_lambda(self.total, int(t.warmup_ratio * self.total)))
+            opt, lr_lambda(self.total, int(t.warmup_ratio * self.total), t.lr_schedule))
         t0 = time.perf_counter()
         self.engine, _, _, self.sched = self.ds.initialize(
             model=objective, optimizer=opt, lr_scheduler=sched, config=self.ds_config,
             dist_init_required=False)
+        # what a step sees: every rank's notes are negatives of every anchor (gathered loss)
+        self.global_batch = self.bsz * self.world * t.grad_accum
+        self.negatives = 2 * self.bsz * self.world - 2
         if self.rank == 0:
             log.info("DeepSpeed engine (ZeRO %d, %s, %d process(es)) ready in %.2f s",
-                     self.stage, "bf16" if self.ds_config["bf16"]["enabled"] else "fp32",
-                     self.world, time.perf_counter() - t0)
+                     self.stage, dtype_name(self.dtype), self.world, time.perf_counter() - t0)
+            log.info("global batch %d pairs per step (%d per process x %d process(es) x %d "
+                     "accumulation); %d in-batch negatives per note (2 x %d pairs x %d "
+                     "process(es) - 2)", self.global_batch, self.bsz, self.world, t.grad_accum,
+                     self.negatives, self.bsz, self.world)
 
         lazy = LazyNotes(data.notes)
         collator = NoteCollator(model)
@@ -334,6 +380,8 @@ class Trainer:
         self.fingerprint = fingerprint(cfg, self.world)
         self.step, self.epoch, self.position = 0, 0, 0
         self.resumed_metrics: dict[str, float] = {}  # the last checkpoint's, when resumed
+        # train.export=best: the step and validation loss of the weights kept as the best
+        self.best: dict = {"step": None, "val_loss": None}
         self.delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
 
     def _check_same_vocabulary(self, model) -> None:
@@ -384,6 +432,7 @@ class Trainer:
             _set_rng_state(json.load(f))
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         self.resumed_metrics = state["metrics"]
+        self.best = state.get("best", self.best)
         log.info("rank %d resumed from %s at step %d (epoch %d, micro-batch %d)", self.rank,
                  self.store.path(latest), self.step, self.epoch, self.position)
         return latest
@@ -403,7 +452,7 @@ class Trainer:
             if position >= self.order.per_epoch:
                 epoch, position = epoch + 1, 0
             state = {"step": step, "epoch": epoch, "position": position, "total": self.total,
-                     "lr": self.sched.get_last_lr()[0], "metrics": metrics,
+                     "lr": self.sched.get_last_lr()[0], "metrics": metrics, "best": self.best,
                      "fingerprint": self.fingerprint, "ds_config": self.ds_config}
             with open(os.path.join(tmp, STATE), "w") as f:
                 json.dump(state, f, indent=1)
@@ -484,6 +533,8 @@ class Trainer:
             t0 = time.perf_counter()
             for batch in self.loader:
                 keys = batch.pop("keys")
+                if t.hflip > 0 and "pixel_values" in batch:
+                    self._flip(batch["pixel_values"])
                 tokens = float(batch["attention_mask"].sum())
                 losses = self.engine(keys=keys.to(self.device), **self._to_device(batch))
                 has_v = "loss_v" in losses
@@ -539,6 +590,9 @@ class Trainer:
                     history |= vl
                     if rank == 0:
                         tracking.log_metrics(vl, step=self.step)
+                    if t.export == "best" and (self.best["val_loss"] is None
+                                               or vl["val/loss"] < self.best["val_loss"]):
+                        self._keep_best(vl["val/loss"])
                 if (t.checkpoint_every and self.step % t.checkpoint_every == 0) \
                         or self.step == self.total:
                     self.save(history)
@@ -553,10 +607,48 @@ class Trainer:
             self.save(history)
         return history
 
+    def _flip(self, pixels: torch.Tensor) -> None:
+        """Mirror a random share ``train.hflip`` of the batch's images left-right, in place (the
+        batch's own copy: cached pixels are stacked into it). The draw depends on the seed, the
+        epoch, the micro-batch and the rank only, so a resumed run flips the same images."""
+        g = torch.Generator().manual_seed(
+            ((self.t.seed * 1_000_003 + self.epoch) * 1_000_003 + self.position) * 1009 + self.rank)
+        flip = torch.rand(pixels.shape[0], generator=g) < self.t.hflip
+        pixels[flip] = pixels[flip].flip(-1)
+
+    def _keep_best(self, val_loss: float) -> None:
+        """Export the current weights as the best so far (every rank takes part: under ZeRO-3
+        the export gathers shards). Kept beside the checkpoints, so a resumed run keeps it."""
+        staging = self.store.best_staging()
+        if self.rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.export(staging, with_ds_config=False)
+        if self.rank == 0:
+            self.store.publish_best(staging, {"step": self.step, "val_loss": val_loss})
+            log.info("best validation loss so far: %.4f at step %d", val_loss, self.step)
+        self.best = {"step": self.step, "val_loss": val_loss}
+
     # -- export ------------------------------------------------------------------------------
 
-    def export(self) -> None:
-        """The trained model in ``save_pretrained`` format, written by rank 0.
+    def export_final(self) -> int:
+        """Write the model ``train.export`` asks for to the model output; returns its step."""
+        if self.t.export == "best":
+            if self.best["step"] is not None:
+                if self.rank == 0:
+                    self.store.fetch_best(self.job.model_out)
+                    with open(os.path.join(self.job.model_out, "ds_config.json"), "w") as f:
+                        json.dump(self.ds_config, f, indent=2)
+                self._barrier()
+                return self.best["step"]
+            if self.rank == 0:
+                log.warning("train.export=best but there are no validation pairs: exporting the "
+                            "last weights")
+        self.export(self.job.model_out)
+        return self.step
+
+    def export(self, path: str, with_ds_config: bool = True) -> None:
+        """The model's current weights in ``save_pretrained`` format at ``path``, written by
+        rank 0.
 
         The weights are those the engine computed with (fp32 on CPU, bf16 on GPU); under ZeRO-3
         each parameter is gathered from its shards in turn, so no rank holds the whole model on
@@ -570,9 +662,10 @@ class Trainer:
                     state[name] = tensor.detach().to("cpu", copy=True)
         if self.rank == 0:
             state["log_scale"] = state["log_scale"].reshape(())
-            export_state(module, state, self.job.model_out)
-            with open(os.path.join(self.job.model_out, "ds_config.json"), "w") as f:
-                json.dump(self.ds_config, f, indent=2)
+            export_state(module, state, path)
+            if with_ds_config:
+                with open(os.path.join(path, "ds_config.json"), "w") as f:
+                    json.dump(self.ds_config, f, indent=2)
         self._barrier()
 
 
@@ -608,7 +701,10 @@ def train(job: Job) -> dict[str, float]:
             _log_run_params(trainer, job.run_id)
         resumed = trainer.resume()
         history = trainer.fit()
-        trainer.export()
+        history["exported_step"] = float(trainer.export_final())
+        if rank == 0:
+            tracking.log_metrics({"train/exported_step": history["exported_step"]},
+                                 step=trainer.total)
         # an attempt that resumed at the end trains nothing: the checkpoint's metrics stand
         final = trainer.resumed_metrics | history
         if rank == 0:
@@ -629,7 +725,10 @@ def _log_run_params(trainer: Trainer, pipeline_run_id: str) -> None:
     params = {k: str(v)[:500] for k, v in trainer.cfg.flat().items()}
     params |= {"train.total_steps": trainer.total, "train.pairs": len(trainer.data.train),
                "train.world_size": trainer.world, "train.micro_batch_pairs": trainer.bsz,
-               "model.parameters": sum(p.numel() for p in trainer.model.parameters())}
+               "train.global_batch_pairs": trainer.global_batch,
+               "train.in_batch_negatives": trainer.negatives,
+               "train.compute_dtype": dtype_name(trainer.dtype),
+               "model.parameters": parameter_count(trainer.model)}
     try:
         tracking.log_to_pipeline_run(pipeline_run_id, params=params)
     except mlflow.exceptions.MlflowException as e:

@@ -73,7 +73,7 @@ def deepspeed_step(model, batch, args, device: str = "cuda"):
     with single_process_env():
         ensure_process_group(on_gpu)
         config = deepspeed_config(t, micro_batch=args.pairs, world=1, device=device)
-        module = engine_module(model, ds, config["zero_optimization"]["stage"], device)
+        module = engine_module(model, ds, config["zero_optimization"]["stage"])
         params = [p for p in model.parameters() if p.requires_grad]  # log_scale was replaced
         engine, *_ = ds.initialize(model=module, optimizer=torch.optim.AdamW(
             params, lr=1e-5, fused=on_gpu and not args.offload),

@@ -118,3 +118,82 @@ def test_a_rerun_continues_its_own_checkpoints_and_refuses_another_configs(demo_
     run(canon, out, resolve("tiny", [*base, "train.lr=1e-4", "train.resume=false"]),
         tracking_uri=uri, run_id=create_run(uri, "t", "", {}), progress=False)
     assert NoteLLM2.from_pretrained(out).config.variant == "text_only"
+
+
+# -- the reference recipe's options ------------------------------------------------------------
+
+
+def test_learning_rate_schedules():
+    from components.train.worker import lr_lambda
+
+    total, warmup = 20, 2
+    lin, cos, const = (lr_lambda(total, warmup, s) for s in ("linear", "cosine", "constant"))
+    assert [lin(s) for s in (0, 1)] == [0.5, 1.0] == [cos(s) for s in (0, 1)]  # linear warmup
+    assert lin(2) == 1.0 and lin(11) == pytest.approx(0.5) and lin(20) == 0.0
+    assert cos(11) == pytest.approx(0.5) and cos(6) > lin(6)  # cosine decays slower at first
+    assert [const(s) for s in (2, 11, 20)] == [1.0, 1.0, 1.0]
+
+
+def test_export_best_writes_the_weights_of_the_lowest_validation_loss(demo_dir, tmp_path):
+    """With train.export=best the model output holds the weights of the validation step with
+    the lowest loss, not the last; the run says which step that was."""
+    from components.train.checkpoint import BEST, MARKER
+
+    canon = str(tmp_path / "canon")
+    write_canonical(read_dataset(demo_dir), canon)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    # a learning rate that first helps, then (no decay, huge steps) makes the loss worse
+    base = ["train.max_steps=8", "train.batch_pairs=8", "train.val_every=2", "train.log_every=2",
+            "train.warmup_ratio=0", "train.lr_schedule=constant", "train.lr=3e-2",
+            "train.checkpoint_every=2"]
+    outs = {}
+    for export in ("last", "best"):
+        out = str(tmp_path / export / "model")
+        run_id = create_run(uri, "t", export, {})
+        final = run(canon, out, resolve("tiny", [*base, f"train.export={export}"]),
+                    tracking_uri=uri, run_id=run_id, progress=False)
+        train_id = step_runs(uri, run_id)["train"].info.run_id
+        val = {m.step: m.value
+               for m in mlflow.MlflowClient(uri).get_metric_history(train_id, "val/loss")}
+        outs[export] = (out, final, val)
+    _, last_final, val = outs["last"]
+    best_step = min(val, key=val.get)
+    assert sorted(val) == [2, 4, 6, 8] and best_step != 8, val  # the premise of the test
+    assert last_final["exported_step"] == 8
+    best_out, best_final, best_val = outs["best"]
+    assert best_val == pytest.approx(val, abs=1e-6)  # same trajectory: export changes nothing else
+    assert best_final["exported_step"] == best_step
+    kept = tmp_path / "best" / "checkpoints" / BEST
+    assert json.loads((kept / MARKER).read_text())["step"] == best_step
+    assert not os.path.exists(os.path.join(best_out, MARKER))
+    # the exported weights are the checkpoint's of that step, not the last ones
+    from components.train.checkpoint import step_name
+
+    a = NoteLLM2.from_pretrained(best_out).state_dict()
+    last = NoteLLM2.from_pretrained(outs["last"][0]).state_dict()
+    assert any(not torch.equal(a[k], last[k]) for k in a)
+    ckpt = torch.load(tmp_path / "best" / "checkpoints" / step_name(best_step) / "ds" /
+                      "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    for k, v in a.items():
+        torch.testing.assert_close(v, ckpt["model." + k].reshape(v.shape), rtol=0, atol=0)
+
+
+def test_horizontal_flips_are_deterministic_and_mirror_the_pixels():
+    from types import SimpleNamespace
+
+    from components.train.worker import Trainer
+
+    trainer = SimpleNamespace(t=SimpleNamespace(seed=1, hflip=0.5), epoch=0, position=3, rank=0)
+    px = torch.arange(8 * 3 * 2 * 4, dtype=torch.float32).reshape(8, 3, 2, 4)
+    a, b = px.clone(), px.clone()
+    Trainer._flip(trainer, a)
+    Trainer._flip(trainer, b)
+    torch.testing.assert_close(a, b)  # the same micro-batch flips the same images (resume)
+    flipped = [i for i in range(8) if not torch.equal(a[i], px[i])]
+    assert 0 < len(flipped) < 8
+    for i in flipped:
+        torch.testing.assert_close(a[i], px[i].flip(-1))
+    trainer.position = 4
+    c = px.clone()
+    Trainer._flip(trainer, c)
+    assert not torch.equal(c, a)

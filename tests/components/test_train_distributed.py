@@ -254,3 +254,76 @@ def test_deepspeed_config_follows_the_train_config():
     with pytest.raises(ValueError, match="needs a GPU"):
         deepspeed_config(resolve("tiny", ["train.precision=bf16"]).train, micro_batch=1,
                          world=1, device="cpu")
+
+
+# -- ZeRO-3 builds the model partitioned --------------------------------------------------------
+
+
+def _zero3_build_worker(rank: int, init_file: str, out_dir: str, llm: str, vision: str) -> None:
+    import torch.distributed as dist
+
+    from components.train.worker import _import_deepspeed, build_for_training, parameter_count
+    from model.prompts import IMG, IMG_EMB
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_WORLD_SIZE="2")  # what torchrun sets and DeepSpeed reads
+    ds = _import_deepspeed(on_gpu=False)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    cfg = resolve("tiny", [f"model.llm={llm}", f"model.vision={vision}", "train.zero_stage=3",
+                           "model.train_vision=false"])
+    ds_config = deepspeed_config(cfg.train, micro_batch=2, world=2, device="cpu")
+    model = build_for_training(cfg, [], ds, ds_config, torch.float32)
+    # what this rank holds right after construction, before the engine exists
+    held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+               for p in model.parameters())
+    partitioned = [n for n, p in model.named_parameters() if hasattr(p, "ds_id")]
+    gathered = {}
+    for name, p in model.named_parameters():
+        if name.startswith(("llm.", "vision.")) or name == "log_scale":
+            with ds.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
+                gathered[name] = p.detach().clone()
+    ids = [model.tokenizer.convert_tokens_to_ids(t) for t in (IMG, IMG_EMB)]
+    torch.save({"held": held, "total": parameter_count(model), "partitioned": partitioned,
+                "names": [n for n, _ in model.named_parameters()], "weights": gathered,
+                "placeholder_ids": ids, "tokens": len(model.tokenizer)},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_zero3_builds_the_model_partitioned_from_a_checkpoint(tmp_path):
+    """Each rank holds half the parameters from the moment they exist (not the whole model,
+    then a broadcast), the weights are the checkpoint's, and the placeholder rows its mean."""
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    from tests import checkpoints as ck
+
+    llm = ck.llama_checkpoint(str(tmp_path / "llama"))
+    vision = ck.clip_checkpoint(str(tmp_path / "clip"))
+    mp.spawn(_zero3_build_worker, args=(str(tmp_path / "init"), str(tmp_path), llm, vision),
+             nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    total = ranks[0]["total"]
+    assert total > 100_000
+    for r in ranks:
+        assert r["held"] <= 0.55 * total  # half, plus padding and the temperature
+        assert set(r["partitioned"]) == set(r["names"]) - {"log_scale"}
+    want = {"llm." + k.removeprefix("model."): v.float()
+            for k, v in load_file(os.path.join(llm, "model.safetensors")).items()
+            if k.startswith("model.")}
+    want |= {k.replace("vision_model.", "vision.", 1): v
+             for k, v in load_file(os.path.join(vision, "model.safetensors")).items()
+             if k.startswith("vision_model.")}
+    got = ranks[0]["weights"]
+    emb = "llm.embed_tokens.weight"
+    trained = want[emb].shape[0]
+    for name, w in want.items():
+        g = got[name][:trained] if name == emb else got[name]
+        torch.testing.assert_close(g, w, rtol=0, atol=0, msg=name)
+    mean = want[emb].mean(dim=0)
+    for i in ranks[0]["placeholder_ids"]:
+        assert i >= trained
+        torch.testing.assert_close(got[emb][i], mean, rtol=0, atol=1e-6)
+    for name in got:  # both ranks gathered the same model
+        torch.testing.assert_close(ranks[1]["weights"][name], got[name], rtol=0, atol=0)
