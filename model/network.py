@@ -334,6 +334,17 @@ def build_llm(config: ModelConfig, corpus: list[str], dtype: torch.dtype):
     return tokenizer, llm
 
 
+def llm_width(config: ModelConfig) -> int:
+    """The hidden size of the configured LLM, read from its config alone (no weights)."""
+    if config.llm == TINY:
+        return config.tiny_hidden_size
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(config.llm, trust_remote_code=config.trust_remote_code)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return int(cfg.hidden_size)
+
+
 def load_decoder(name_or_path: str, *, dtype: torch.dtype = torch.float32,
                  trust_remote_code: bool = False) -> nn.Module:
     """The decoder body (no LM head) of a causal LLM in ``dtype``: ``AutoModel`` where the

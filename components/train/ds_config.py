@@ -33,8 +33,29 @@ def zero_stage(t: TrainConfig, world: int) -> int:
     return t.zero_stage if world > 1 or t.offload else 0
 
 
-def deepspeed_config(t: TrainConfig, *, micro_batch: int, world: int, device: str) -> dict:
-    """DeepSpeed config for ``world`` processes of ``micro_batch`` pairs each."""
+def stage3_sizes(hidden: int, on_gpu: bool) -> dict:
+    """ZeRO-3's buffer sizes for a decoder of width ``hidden``, in elements.
+
+    DeepSpeed's defaults are absolute (a 5e7-element reduce bucket, up to 1e9 parameters kept
+    gathered), sized for multi-billion-parameter models: below that they hold the whole model
+    gathered from the forward until the backward, which is what stage 3 exists to avoid. The
+    buckets follow the width instead (transformers' ``auto`` values: ``hidden^2`` to reduce,
+    ``0.9 hidden^2`` to prefetch, parameters under ``10 hidden`` kept whole). On CPU, where the
+    "device" is the host memory the partitioning saves, a gathered parameter is released as soon
+    as its module is done (reuse distance and live parameters of about one decoder layer,
+    ``12 hidden^2``); on GPUs DeepSpeed's defaults keep the speed they were tuned for."""
+    h2 = hidden * hidden
+    sizes = {"reduce_bucket_size": h2, "stage3_prefetch_bucket_size": int(0.9 * h2),
+             "stage3_param_persistence_threshold": 10 * hidden}
+    if not on_gpu:
+        sizes |= {"stage3_max_live_parameters": 12 * h2, "stage3_max_reuse_distance": 12 * h2}
+    return sizes
+
+
+def deepspeed_config(t: TrainConfig, *, micro_batch: int, world: int, device: str,
+                     hidden: int = 4096) -> dict:
+    """DeepSpeed config for ``world`` processes of ``micro_batch`` pairs each, training a model
+    whose LLM is ``hidden`` wide (it sizes ZeRO-3's buffers)."""
     on_gpu = device.startswith("cuda")
     stage = zero_stage(t, world)
     zero: dict = {"stage": stage}
@@ -42,6 +63,7 @@ def deepspeed_config(t: TrainConfig, *, micro_batch: int, world: int, device: st
         zero |= {"contiguous_gradients": True, "overlap_comm": on_gpu,
                  "reduce_bucket_size": 5e7}
     if stage == 3:
+        zero |= stage3_sizes(hidden, on_gpu)
         # the worker consolidates the shards itself at export (GatheredParameters)
         zero["stage3_gather_16bit_weights_on_model_save"] = False
     if t.offload:

@@ -47,6 +47,7 @@ from components.train.ds_config import deepspeed_config, train_dtype
 from model import NoteLLM2, build_model
 from model.collator import NoteCollator
 from model.loss import notellm2_loss
+from model.network import llm_width
 from model.precision import dtype_name
 
 log = logging.getLogger(__name__)
@@ -333,11 +334,13 @@ class Trainer:
         self.total = (t.max_steps if t.max_steps > 0
                       else max(1, math.ceil(t.epochs * self.steps_per_epoch)))
         self.ds_config = deepspeed_config(t, micro_batch=self.bsz, world=self.world,
-                                          device=self.device)
+                                          device=self.device, hidden=llm_width(cfg.model))
         self.stage = self.ds_config["zero_optimization"]["stage"]
         self.dtype = train_dtype(t, self.device)
 
         model = build_for_training(cfg, data.corpus(), self.ds, self.ds_config, self.dtype)
+        # what building the model cost in host memory, before the engine adds its own state
+        self.build_peak_rss_mib = self.peak_rss_mib()
         self._check_same_vocabulary(model)
         self.model = model
         objective = engine_module(model, self.ds, self.stage)
@@ -391,7 +394,7 @@ class Trainer:
         if len(set(digests)) > 1:
             raise RuntimeError("the ranks built different tokenizers from the same notes")
 
-    def _peak_rss_mib(self) -> float:
+    def peak_rss_mib(self) -> float:
         """The largest peak resident memory of any rank's process (Linux reports KiB)."""
         import resource
 
@@ -575,7 +578,7 @@ class Trainer:
                             "epoch": self.epoch + 1}
                     if self.on_gpu:
                         row["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-                    row["peak_rss_mib"] = self._peak_rss_mib()
+                    row["peak_rss_mib"] = self.peak_rss_mib()
                     history |= row
                     bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
                     if rank == 0:
@@ -702,8 +705,13 @@ def train(job: Job) -> dict[str, float]:
         resumed = trainer.resume()
         history = trainer.fit()
         history["exported_step"] = float(trainer.export_final())
+        # host memory over the whole run (validation, checkpoints and export included), and
+        # that of building the model alone
+        history["peak_rss_mib"] = trainer.peak_rss_mib()
+        history["build_peak_rss_mib"] = trainer.build_peak_rss_mib
         if rank == 0:
-            tracking.log_metrics({"train/exported_step": history["exported_step"]},
+            tracking.log_metrics({f"train/{k}": history[k] for k in
+                                  ("exported_step", "peak_rss_mib", "build_peak_rss_mib")},
                                  step=trainer.total)
         # an attempt that resumed at the end trains nothing: the checkpoint's metrics stand
         final = trainer.resumed_metrics | history

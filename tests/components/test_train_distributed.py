@@ -256,6 +256,22 @@ def test_deepspeed_config_follows_the_train_config():
                          world=1, device="cpu")
 
 
+def test_zero3_buffers_follow_the_model_width():
+    """DeepSpeed's absolute defaults (1e9 parameters kept gathered) would keep a small model
+    whole on every rank; the buffers scale with the LLM's width instead, and on CPU a gathered
+    parameter lives about one decoder layer."""
+    t = resolve("tiny", ["train.zero_stage=3"]).train
+    cpu = deepspeed_config(t, micro_batch=2, world=2, device="cpu", hidden=768)["zero_optimization"]
+    assert cpu["reduce_bucket_size"] == 768 ** 2
+    assert cpu["stage3_max_reuse_distance"] == cpu["stage3_max_live_parameters"] == 12 * 768 ** 2
+    gpu = deepspeed_config(t, micro_batch=2, world=2, device="cuda", hidden=4096)
+    assert gpu["zero_optimization"]["stage3_param_persistence_threshold"] == 40_960
+    assert "stage3_max_reuse_distance" not in gpu["zero_optimization"]  # DeepSpeed's own
+    two = deepspeed_config(resolve("tiny", ["train.zero_stage=2"]).train, micro_batch=2,
+                           world=2, device="cpu", hidden=768)["zero_optimization"]
+    assert "stage3_prefetch_bucket_size" not in two
+
+
 # -- ZeRO-3 builds the model partitioned --------------------------------------------------------
 
 
