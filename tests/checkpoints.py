@@ -95,13 +95,16 @@ def _save(model, path: str, dtype: torch.dtype) -> str:
 
 
 def llama_checkpoint(path: str, *, dtype=torch.bfloat16, tokenizer: str = "llama2",
-                     hidden: int = 64, layers: int = 2) -> str:
+                     hidden: int = 64, layers: int = 2, intermediate: int | None = None,
+                     vocab_size: int | None = None) -> str:
     """``LlamaForCausalLM`` (an LM head, grouped-query attention) stored in ``dtype`` with a
-    BOS-adding tokenizer; the embedding matrix as long as the tokenizer, as in Llama-2/3."""
+    BOS-adding tokenizer; the embedding matrix as long as the tokenizer, as in Llama-2/3
+    (``vocab_size`` makes it longer, for a realistic parameter count)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = (llama2_tokenizer if tokenizer == "llama2" else llama3_tokenizer)(path)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+    cfg = LlamaConfig(vocab_size=vocab_size or len(tok), hidden_size=hidden,
+                      intermediate_size=intermediate or 2 * hidden,
                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                       max_position_embeddings=512, bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id, pad_token_id=None, tie_word_embeddings=False)

@@ -8,6 +8,7 @@
   FAISS index, 1M x 64-d clustered        default large-collection index vs IndexFlatIP
   tiny-model training (pairs/s, CPU)     2 DeepSpeed processes vs 1, one thread each
   embed fan-out (notes/s)                 2 shard processes vs 1
+  ZeRO-3 host memory (peak RSS per rank)  ZeRO-3 vs ZeRO-2, ~127M-param bf16 checkpoint, 2/4 procs
 """
 
 from __future__ import annotations
@@ -181,6 +182,9 @@ def main() -> None:
     from bench_embed import bench_embed
 
     rows += bench_embed(repeat, 300 if args.quick else 1000)
+    from bench_zero3 import bench_zero3
+
+    rows += bench_zero3(1, (2,) if args.quick else (2, 4))
     from table import print_table
 
     print_table(rows, repeat)
