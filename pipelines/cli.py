@@ -30,12 +30,20 @@ def main() -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write.")
 @click.option("--notes", default=1200, show_default=True, help="Number of notes.")
 @click.option("--seed", default=0, show_default=True, help="Random seed (same seed, same data).")
-def make_demo_data_cmd(out: str, notes: int, seed: int) -> None:
+@click.option("--kinds", default="both=0.4,image_only=0.3,text_only=0.3", show_default=True,
+              help="Share of each pair kind: related in both modalities, by picture only, by "
+                   "wording only.")
+@click.option("--one-modality-distractors", is_flag=True,
+              help="Give every pair's first note two look-alikes that match it in one modality "
+                   "only (with --kinds both=1: only the partner matches in both).")
+def make_demo_data_cmd(out: str, notes: int, seed: int, kinds: str,
+                       one_modality_distractors: bool) -> None:
     """Write a synthetic multimodal data set in the official NoteLLM layout."""
-    from pipelines.demo_data import make_demo_data
+    from pipelines.demo_data import make_demo_data, parse_kinds
 
     try:
-        counts = make_demo_data(out, notes=notes, seed=seed)
+        counts = make_demo_data(out, notes=notes, seed=seed, kinds=parse_kinds(kinds),
+                                one_modality_distractors=one_modality_distractors)
     except ValueError as e:
         _fail(str(e))
     click.echo(f"wrote {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))

@@ -146,27 +146,55 @@ def _content_with_tags(text: Text) -> str:
     return text.content + " " + " ".join(f"#{t}[话题]#" for t in text.topics)
 
 
+def parse_kinds(spec: str) -> tuple[tuple[str, float], ...]:
+    """``"both=0.4,image_only=0.3,text_only=0.3"`` -> the ``kinds`` of :func:`make_demo_data`."""
+    known = {k for k, _ in KINDS}
+    kinds = []
+    for item in (x.strip() for x in spec.split(",") if x.strip()):
+        name, _, share = item.partition("=")
+        if name not in known:
+            raise ValueError(f"unknown pair kind {name!r} in --kinds; known: {', '.join(sorted(known))}")
+        try:
+            kinds.append((name, float(share)))
+        except ValueError:
+            raise ValueError(f"--kinds: the share of {name!r} is not a number: {share!r}") from None
+    if not kinds or any(v < 0 for _, v in kinds) or sum(v for _, v in kinds) <= 0:
+        raise ValueError(f"--kinds needs non-negative shares that add up to more than 0: {spec!r}")
+    total = sum(v for _, v in kinds)
+    return tuple((k, v / total) for k, v in kinds)
+
+
 def make_demo_data(out: str, notes: int = 1200, seed: int = 0, test_share: float = 0.35,
                    val_share: float = 0.1, distractor_share: float = 0.1,
-                   image_size: int = IMAGE_SIZE) -> dict[str, int]:
-    """Write the demo collection to ``out``; returns counts."""
+                   image_size: int = IMAGE_SIZE, kinds: tuple[tuple[str, float], ...] = KINDS,
+                   one_modality_distractors: bool = False) -> dict[str, int]:
+    """Write the demo collection to ``out``; returns counts.
+
+    ``kinds``: the share of each pair kind. ``one_modality_distractors``: every pair's first
+    note also gets two look-alikes in its split that match it in one modality only (a new shot
+    of its picture under unrelated words, its wording under an unrelated picture), so that the
+    partner is the only note matching it in both: a test of whether a vector adds up the
+    evidence of the two modalities (with ``kinds=(("both", 1.0),)``). They are ``notes`` on
+    top of ``notes``."""
     if notes < 8:
         raise ValueError("--notes must be at least 8")
     rng = np.random.default_rng(seed)
     n_pairs = int(notes * (1 - distractor_share)) // 2
     n_distract = notes - 2 * n_pairs
     n_test_pairs = max(1, round(n_pairs * test_share))
+    shares = kinds
     kinds = []
-    for name, share in KINDS:
+    for name, share in shares:
         kinds += [name] * round(n_pairs * share)
-    kinds = (kinds + [KINDS[0][0]] * n_pairs)[:n_pairs]
+    kinds = (kinds + [shares[0][0]] * n_pairs)[:n_pairs]
     kinds = [kinds[i] for i in rng.permutation(n_pairs)]
 
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     os.makedirs(os.path.join(out, "images_test"), exist_ok=True)
     rows = {"train": [], "test": []}
     pairs: dict[str, list[tuple[str, str]]] = {"train": [], "test": []}
-    kind_pairs: dict[str, list[tuple[str, str]]] = {k: [] for k, _ in KINDS}
+    kind_pairs: dict[str, list[tuple[str, str]]] = {k: [] for k, _ in shares}
+    look_alikes = 0
     counter = {"train": 0, "test": 0}
 
     def add_note(split: str, scene: Scene, text: Text) -> str:
@@ -194,6 +222,10 @@ def make_demo_data(out: str, notes: int = 1200, seed: int = 0, test_share: float
         pairs[split].append((a, b))
         if split == "test":
             kind_pairs[kind].append((a, b))
+        if one_modality_distractors:
+            add_note(split, perturb_scene(scene_a, rng), random_text(rng))
+            add_note(split, random_scene(rng), related_text(text_a, rng))
+            look_alikes += 2
     for j in range(n_distract):
         add_note("test" if j % 2 else "train", random_scene(rng), random_text(rng))
 
@@ -213,6 +245,7 @@ def make_demo_data(out: str, notes: int = 1200, seed: int = 0, test_share: float
     return {"notes_train": len(rows["train"]), "notes_test": len(rows["test"]),
             "pairs_train": len(pairs["train"]) - n_val, "pairs_val": n_val,
             "pairs_test": len(pairs["test"]), "events": n_events,
+            **({"one_modality_look_alikes": look_alikes} if one_modality_distractors else {}),
             **{f"pairs_test_{k}": len(v) for k, v in kind_pairs.items()}}
 
 
