@@ -28,8 +28,8 @@ from components.common.readers import detect_layout
 from components.common.tracking import ENV as TRACKING_ENV
 
 log = logging.getLogger(__name__)
-RESULTS = ("metrics.json", "report.md", "recall_at_k.png", "probes_slices.png", "decision",
-           "model", "embeddings", "index")
+CHARTS = ("recall_at_k.png", "probes_slices.png", "fusion_similarity.png")
+RESULTS = ("metrics.json", "report.md", *CHARTS, "decision", "model", "embeddings", "index")
 
 
 class PipelineFailed(RuntimeError):
@@ -176,7 +176,7 @@ def _outputs(root: str, before: set[str]) -> dict[str, str]:
 def _publish(out: dict[str, str], work: str) -> None:
     """Copy the pipeline's outputs into the work-folder layout (only after every task passed)."""
     ev = out["evaluation"]
-    for name in ("metrics.json", "report.md", "recall_at_k.png", "probes_slices.png"):
+    for name in ("metrics.json", "report.md", *CHARTS):
         if os.path.exists(os.path.join(ev, name)):
             shutil.copyfile(os.path.join(ev, name), os.path.join(work, name))
     for key in ("model", "embeddings", "index", "decision"):

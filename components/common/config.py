@@ -180,6 +180,11 @@ class EvalConfig:
     index_max_k: int = 1000
     # test pairs whose image-vs-text saliency (model/saliency.py) is summarised; 0 = off
     saliency_pairs: int = 16
+    # fusion diagnostics (components/evaluate/fusion.py): test pairs per slice whose fused
+    # vectors' text share is measured with the model (0 = off), and the unrelated note pairs
+    # the probe channels' partner cosines are set against
+    fusion_pairs: int = 256
+    fusion_unrelated_sample: int = 20000
     # champion vs challenger: paired bootstrap over the test queries
     bootstrap_resamples: int = 1000
     bootstrap_seed: int = 0

@@ -16,6 +16,13 @@ from components.common import storage
 from components.common.canonical import load_canonical
 from components.common.config import EvalConfig
 from components.embed.run import read_vectors
+from components.evaluate.fusion import (
+    channel_similarity,
+    fusion_chart,
+    fusion_markdown,
+    has_fusion,
+    text_share_by_slice,
+)
 from components.evaluate.metrics import dedupe_pairs, evaluate_pairs
 from model.collator import PROBES
 
@@ -141,10 +148,12 @@ def saliency_summary(model_dir: str, test_notes: pd.DataFrame, test_pairs: pd.Da
 def run(canonical_dir: str, embeddings_dir: str, out_dir: str, cfg: EvalConfig, *,
         model_dir: str = "", index_dir: str = "", champion_dir: str = "",
         champion_version: str = "") -> dict:
-    """metrics.json, report.md and charts in ``out_dir``. With ``model_dir`` also the saliency
-    summary; with ``index_dir`` also R@K through the built index (``index/R@K``); with
-    ``champion_dir`` (a saved NoteLLM-2 model) the champion's R@K on the same queries and the
-    paired-bootstrap differences (``champion/…``, ``delta/…``)."""
+    """metrics.json, report.md and charts in ``out_dir``. With probes also the fusion
+    diagnostics' channel similarity (``fusion/<probe>/…``, ``fusion_similarity.png``); with
+    ``model_dir`` also the saliency summary and the fused vectors' text share
+    (``fusion/text_share…``); with ``index_dir`` also R@K through the built index
+    (``index/R@K``); with ``champion_dir`` (a saved NoteLLM-2 model) the champion's R@K on the
+    same queries and the paired-bootstrap differences (``champion/…``, ``delta/…``)."""
     notes, pairs, manifest = load_canonical(canonical_dir)
     table, vectors = read_vectors(storage.join(embeddings_dir, "notes.parquet"))
     test_split = "test" if "test" in notes else next(iter(notes))
@@ -176,9 +185,17 @@ def run(canonical_dir: str, embeddings_dir: str, out_dir: str, cfg: EvalConfig, 
                               ranks=(pr := {}))
             ranks[f"probe/{probe}"] = pr.get("", [])
             metrics |= {f"probe/{probe}/{k}": v for k, v in pm.items()}
+    fusion_data = None
+    if probe_vecs:
+        fm, fusion_data = channel_similarity(probe_vecs, test_ids, pairs["test"], slices,
+                                             sample=cfg.fusion_unrelated_sample)
+        metrics |= fm
     if model_dir and cfg.saliency_pairs > 0:
         metrics |= saliency_summary(model_dir, notes[test_split], pairs["test"],
                                     cfg.saliency_pairs)
+    if model_dir and cfg.fusion_pairs > 0:
+        metrics |= text_share_by_slice(model_dir, notes[test_split], pairs["test"], slices,
+                                       cfg.fusion_pairs)
     if champion_dir:
         metrics |= _versus_champion(champion_dir, notes[test_split], pairs["test"], test_ids,
                                     slices, sorted(probe_vecs), ranks, counts["pool_size"], cfg)
@@ -187,6 +204,7 @@ def run(canonical_dir: str, embeddings_dir: str, out_dir: str, cfg: EvalConfig, 
     storage.write_text(storage.join(out_dir, "metrics.json"), json.dumps(result, indent=2))
     storage.write_text(storage.join(out_dir, "report.md"), report_markdown(result, manifest))
     _chart(result, out_dir)
+    fusion_chart(fusion_data, result, out_dir)
     log.info("evaluation: %s", {k: round(v, 4) for k, v in metrics.items() if "/" not in k})
     return result
 
@@ -250,6 +268,8 @@ def report_markdown(result: dict, manifest: dict) -> str:
                   "token's attention×gradient flow, summed over layers): image "
                   f"{result['saliency/image_share']:.3f}, text {result['saliency/text_share']:.3f}.",
                   ""]
+    if has_fusion(result):
+        lines += fusion_markdown(result)
     lines += ["Data: " + ", ".join(f"{k} {v}" for k, v in manifest.get("notes", {}).items())
               + " notes; " + ", ".join(f"{k} {v}" for k, v in manifest.get("pairs", {}).items())
               + " pairs.", ""]
