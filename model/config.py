@@ -30,6 +30,11 @@ class ModelConfig:
     qformer_heads: int = 12
     qformer_cross_attention_frequency: int = 2  # cross-attention in every n-th layer (BLIP-2: 2)
     embed_dim: int = 64
+    # late fusion (variants late_fusion, notellm2): "gate" = the paper's z⊙h + (1−z)⊙v before
+    # the head; "concat" = [√w·text ; √(1−w)·image], each channel L2-normalised in half of
+    # embed_dim, w learned from text_share_init, so the two modalities' similarities add up
+    fusion: str = "gate"
+    text_share_init: float = 0.5
     # prompt
     prompt_language: str = "en"  # "en" or "zh" (the reference code's wording)
     max_tokens: int = 140  # text tokens, image tokens not counted
@@ -76,6 +81,10 @@ class ModelConfig:
                              f"not {self.prompt_language!r}")
         if self.vision_cls not in ("auto", "cls", "pooled"):
             raise ValueError(f"model.vision_cls must be auto, cls or pooled, not {self.vision_cls!r}")
+        if self.fusion not in ("gate", "concat"):
+            raise ValueError(f"model.fusion must be gate or concat, not {self.fusion!r}")
+        if not 0.0 < self.text_share_init < 1.0:
+            raise ValueError(f"model.text_share_init must lie in (0, 1), not {self.text_share_init}")
         if self.embed_dim <= 0 or self.num_query_tokens <= 0:
             raise ValueError("model.embed_dim and model.num_query_tokens must be positive")
 

@@ -62,25 +62,39 @@ def _gather(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, log_scale: torch.Tensor,
-             keys: torch.Tensor | None = None, gather: bool = True) -> torch.Tensor:
-    """Loss over pairs (a_i, b_i). a, b: (N, d) L2-normalised. keys: (2N,) note ids as int64;
-    a negative that is the same note as the anchor (a note in two pairs of a batch) is masked."""
+             keys: torch.Tensor | None = None, gather: bool = True,
+             extra: torch.Tensor | None = None) -> torch.Tensor:
+    """Loss over pairs (a_i, b_i). a, b: (N, d) L2-normalised. ``extra``: (M, d) further
+    negatives of every anchor (hard negatives), never anchors themselves. keys: (2N + M,) note
+    ids as int64 of a, b and extra; a candidate that is the same note as the anchor (a note in
+    two pairs of a batch), or as its partner in another column, is masked."""
     local = torch.cat([a, b], dim=0)  # (2N, d)
     n2 = local.shape[0]
     everyone, offset = _gather(local) if gather else (local, 0)  # (W*2N, d)
     # the anchors are read from the gathered tensor too, so that their gradient also takes the
     # all-gather's way back (summed over ranks with the negative side's, then averaged)
     anchors = everyone[offset:offset + n2]  # (2N, d)
+    candidates = everyone
+    if extra is not None and extra.shape[0]:
+        candidates = torch.cat([everyone, _gather(extra)[0] if gather else extra])  # (W*(2N+M), d)
     scale = log_scale.clamp(max=MAX_LOG_SCALE).exp()
-    logits = scale * anchors @ everyone.T  # (2N, W*2N)
+    logits = scale * anchors @ candidates.T  # (2N, W*2N [+ W*M])
     rows = torch.arange(n2, device=local.device)
     self_col = offset + rows
     target = offset + (rows + n2 // 2) % n2
     mask = torch.zeros_like(logits, dtype=torch.bool)
     mask[rows, self_col] = True
     if keys is not None:
-        all_keys, _ = _gather(keys) if gather else (keys, 0)
-        same = keys[:, None] == all_keys[None, :]  # (2N, W*2N)
+        if len(keys) != n2 + (0 if extra is None else extra.shape[0]):
+            raise ValueError(f"{len(keys)} keys for {n2} pair notes and "
+                             f"{0 if extra is None else extra.shape[0]} extra negatives")
+        pair_keys, extra_keys = keys[:n2], keys[n2:]
+        all_keys = _gather(pair_keys)[0] if gather else pair_keys
+        if extra is not None and extra.shape[0]:
+            all_keys = torch.cat([all_keys, _gather(extra_keys)[0] if gather else extra_keys])
+        partner = pair_keys[(rows + n2 // 2) % n2]
+        # the anchor itself, and its partner wherever else it appears, are not negatives
+        same = (pair_keys[:, None] == all_keys[None, :]) | (partner[:, None] == all_keys[None, :])
         same[rows, target] = False
         mask |= same
     logits = logits.masked_fill(mask, float("-inf"))
@@ -88,11 +102,19 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, log_scale: torch.Tensor,
 
 
 def notellm2_loss(out: dict, log_scale: torch.Tensor, w_m: float, w_v: float,
-                  keys: torch.Tensor | None = None, gather: bool = True) -> dict[str, torch.Tensor]:
-    """``L = (w_m·L_m + w_v·L_v) / (w_m + w_v)``; plain ``L_m`` when there is no ``n_v``."""
-    n = out["n_m"].shape[0] // 2
-    l_m = info_nce(out["n_m"][:n], out["n_m"][n:], log_scale, keys, gather)
+                  keys: torch.Tensor | None = None, gather: bool = True,
+                  n_pairs: int | None = None) -> dict[str, torch.Tensor]:
+    """``L = (w_m·L_m + w_v·L_v) / (w_m + w_v)``; plain ``L_m`` when there is no ``n_v``.
+
+    The rows of ``out`` are ``[a_1..a_N, b_1..b_N]`` and, with ``n_pairs = N`` given, any
+    rows after the 2N are extra negatives of every anchor (hard negatives)."""
+    n = out["n_m"].shape[0] // 2 if n_pairs is None else n_pairs
+
+    def loss(v: torch.Tensor) -> torch.Tensor:
+        return info_nce(v[:n], v[n:2 * n], log_scale, keys, gather, extra=v[2 * n:])
+
+    l_m = loss(out["n_m"])
     if out.get("n_v") is None:
         return {"loss": l_m, "loss_m": l_m}
-    l_v = info_nce(out["n_v"][:n], out["n_v"][n:], log_scale, keys, gather)
+    l_v = loss(out["n_v"])
     return {"loss": (w_m * l_m + w_v * l_v) / (w_m + w_v), "loss_m": l_m, "loss_v": l_v}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import fields
@@ -73,10 +74,40 @@ class LateFusion(nn.Module):
         self.vision_proj = nn.Linear(vision_width, llm_width)  # W_p
         self.gate = nn.Linear(2 * llm_width, llm_width, bias=False)  # W_g
 
-    def forward(self, h: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused vector (B, H) and the gate ``z`` (B, H): 1 = all LLM, 0 = all image."""
         v = self.vision_proj(cls)  # (B, H)
         z = torch.sigmoid(self.gate(torch.cat([h, v], dim=-1)))  # (B, H)
-        return z * h + (1 - z) * v
+        return z * h + (1 - z) * v, z
+
+
+class ConcatFusion(nn.Module):
+    """Additive late fusion: ``n = [√w·t̂ ; √(1−w)·v̂]``.
+
+    ``t̂`` is the L2-normalised head projection of the LLM vector, ``v̂`` that of the image
+    vector, ``w = σ(λ)`` a learned text share. The cosine of two notes is then
+    ``w·cos(t) + (1−w)·cos(v)``: the evidence of the two modalities adds up, in dimensions of
+    their own, where the gate mixes both into the same dimensions and one modality's chance
+    similarity can cancel the other's match."""
+
+    def __init__(self, vision_width: int, image_dim: int, text_share: float = 0.5):
+        super().__init__()
+        self.image_head = nn.Linear(vision_width, image_dim, bias=False)
+        # shape (1,): DeepSpeed cannot broadcast a 0-dim parameter
+        self.text_logit = nn.Parameter(torch.full((1,), math.log(text_share / (1 - text_share))))
+
+    def text_share(self) -> torch.Tensor:
+        return torch.sigmoid(self.text_logit.float())
+
+    def forward(self, t: torch.Tensor, cls: torch.Tensor | None) -> torch.Tensor:
+        """t: (B, d_t) unit text-side vectors; cls: (B, Dv) or None (no image: a zero image
+        channel). Returns (B, d_t + image_dim) unit vectors."""
+        w = self.text_share()
+        if cls is None:
+            v = t.new_zeros(t.shape[0], self.image_head.out_features)
+        else:
+            v = F.normalize(self.image_head(cls).float(), dim=-1)
+        return F.normalize(torch.cat([w.sqrt() * t, (1 - w).sqrt() * v], dim=-1), dim=-1)
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -103,8 +134,15 @@ class NoteLLM2(nn.Module):
         Dv = vision.config.hidden_size if vision is not None else 0
         with init_context():
             self.connector = build_connector(config, Dv, H) if config.uses_image_tokens else None
-            self.fusion = LateFusion(Dv, H) if config.uses_fusion else None
-            self.head = nn.Linear(H, config.embed_dim, bias=False)
+            text_dim = config.embed_dim
+            if not config.uses_fusion:
+                self.fusion = None
+            elif config.fusion == "concat":  # the head is the text channel's projection
+                text_dim = config.embed_dim - config.embed_dim // 2
+                self.fusion = ConcatFusion(Dv, config.embed_dim // 2, config.text_share_init)
+            else:
+                self.fusion = LateFusion(Dv, H)
+            self.head = nn.Linear(H, text_dim, bias=False)
         self.log_scale = nn.Parameter(torch.tensor(float(config.log_scale_init)))
         self.img_id = tokenizer.convert_tokens_to_ids(IMG)
         self.img_emb_id = tokenizer.convert_tokens_to_ids(IMG_EMB)
@@ -156,6 +194,8 @@ class NoteLLM2(nn.Module):
         input_ids, attention_mask: (B, T); pixel_values: (B, 3, S, S).
         Returns ``n_m`` (B, d) and, for the mICL variants, ``n_v`` (B, d), both L2-normalised;
         with ``output_attentions`` also the LLM's attention maps, per layer (B, heads, T, T).
+        With late fusion also ``text_share`` (B,): how much of ``n_m`` the LLM side holds (the
+        mean gate ``z`` per note; the learned ``w`` of the concatenation).
         """
         cfg = self.config
         embeds = self.llm.get_input_embeddings()(input_ids)  # (B, T, H)
@@ -179,13 +219,22 @@ class NoteLLM2(nn.Module):
         if cfg.uses_visual_vector:
             pos = (input_ids == self.img_emb_id).int().argmax(dim=1) - 1  # token before <IMG_EMB>
             h_v = hidden[rows, pos]  # (B, H)
-        if self.fusion is not None and cls is not None:
-            cls = cls.to(h_m.dtype)
-            h_m = self.fusion(h_m, cls)
-            h_v = self.fusion(h_v, cls) if h_v is not None else None
-        n_m = F.normalize(self.head(h_m).float(), dim=-1)
-        n_v = F.normalize(self.head(h_v).float(), dim=-1) if h_v is not None else None
-        out = {"n_m": n_m, "n_v": n_v}
+        share = None
+        if isinstance(self.fusion, ConcatFusion):
+            cls = cls.to(h_m.dtype) if cls is not None else None
+            n_m = self.fusion(F.normalize(self.head(h_m).float(), dim=-1), cls)
+            n_v = (self.fusion(F.normalize(self.head(h_v).float(), dim=-1), cls)
+                   if h_v is not None else None)
+            share = self.fusion.text_share().expand(n_m.shape[0])
+        else:
+            if self.fusion is not None and cls is not None:
+                cls = cls.to(h_m.dtype)
+                h_m, z = self.fusion(h_m, cls)
+                h_v = self.fusion(h_v, cls)[0] if h_v is not None else None
+                share = z.float().mean(dim=-1)
+            n_m = F.normalize(self.head(h_m).float(), dim=-1)
+            n_v = F.normalize(self.head(h_v).float(), dim=-1) if h_v is not None else None
+        out = {"n_m": n_m, "n_v": n_v, "text_share": share}
         if output_attentions:
             out["attentions"] = llm_out.attentions
         return out

@@ -101,6 +101,40 @@ def test_two_gloo_ranks_give_the_whole_batch_loss_and_gradient(tmp_path):
     assert not torch.isclose(alone, dist_run["loss"])
 
 
+def _extra():
+    """Two hard negatives per pair (features of notes outside the pairs), keys after the pairs'."""
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(2 * WORLD * N, D, generator=g, dtype=torch.float64), \
+        torch.arange(2 * WORLD * N, 4 * WORLD * N)
+
+
+def _loss_with_extra(enc, a, b, keys, x, xkeys) -> torch.Tensor:
+    ea, eb, ex = (F.normalize(enc(t), dim=-1) for t in (a, b, x))
+    return notellm2_loss({"n_m": torch.cat([ea, eb, ex])}, enc.log_scale, 1.0, 0.0,
+                         keys=torch.cat([keys, xkeys]), n_pairs=len(a))["loss"]
+
+
+def _extra_worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=WORLD)
+    enc = _encoder()
+    x, xkeys = _extra()
+    sl = slice(rank * 2 * N, (rank + 1) * 2 * N)
+    loss = _loss_with_extra(enc, *_rank_slice(rank, *_data()), x[sl], xkeys[sl])
+    loss.backward()
+    torch.save({"grads": _mean_grads(enc)}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_hard_negatives_keep_the_whole_batch_gradient_on_two_ranks(tmp_path):
+    """Every rank's look-alikes are negatives of every anchor, with gradient both ways."""
+    dist_run = _spawn(_extra_worker, tmp_path)
+    enc = _encoder()
+    _loss_with_extra(enc, *_data(), *_extra()).backward()
+    _assert_same_gradients(dist_run["grads"], {n: p.grad for n, p in enc.named_parameters()})
+
+
 # -- the same property through the real network --------------------------------------------------
 
 
