@@ -60,6 +60,12 @@ class TrainConfig:
     pixel_cache_mb: float = 2048.0
     # learning-rate multiplier for the newly initialised parts (connector, fusion, head)
     new_params_lr_mult: float = 1.0
+    # extra negatives per pair (components/train/hard_negatives.py): "none", or
+    # "one_modality" = the pair's query note's nearest note in wording whose picture differs
+    # and its nearest in picture whose wording differs, mined once from raw features among at
+    # most hard_negative_pool training-split notes (the step encodes 2 more notes per pair)
+    hard_negatives: str = "none"
+    hard_negative_pool: int = 100_000
     # -- DeepSpeed on N processes (components/train/launch.py, worker.py, ds_config.py) --
     # processes on this node: 0 = one per visible GPU (1 on CPU); >1 runs torchrun
     nproc: int = 0
@@ -102,6 +108,11 @@ class TrainConfig:
         if self.lr_schedule not in ("cosine", "linear", "constant"):
             raise ValueError(f"train.lr_schedule must be cosine, linear or constant, "
                              f"not {self.lr_schedule!r}")
+        if self.hard_negatives not in ("none", "one_modality"):
+            raise ValueError(f"train.hard_negatives must be none or one_modality, "
+                             f"not {self.hard_negatives!r}")
+        if self.hard_negative_pool < 2:
+            raise ValueError("train.hard_negative_pool must be at least 2")
         if self.export not in ("last", "best"):
             raise ValueError(f"train.export must be last or best, not {self.export!r}")
         if not 0.0 <= self.hflip <= 1.0:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -26,6 +27,7 @@ class TrainData:
     train: pd.DataFrame  # training pairs (self-pairs dropped)
     val: pd.DataFrame | None  # held-out pairs, or None
     row_of: dict[str, int]
+    train_keys: range = range(0)  # the training split's notes (keys), where negatives may come from
 
     @classmethod
     def load(cls, canonical_dir: str) -> TrainData:
@@ -35,8 +37,34 @@ class TrainData:
         if train.empty:
             raise ValueError("no training pairs left after dropping self-pairs")
         val = training_pairs(pairs["val"]) if "val" in pairs else None
+        train_keys, offset = range(len(allnotes)), 0  # one split only: all notes
+        for name, df in notes.items():
+            if name == "train":
+                train_keys = range(offset, offset + len(df))
+            offset += len(df)
         return cls(allnotes, train, val if val is not None and len(val) else None,
-                   {nid: i for i, nid in enumerate(allnotes["note_id"])})
+                   {nid: i for i, nid in enumerate(allnotes["note_id"])}, train_keys)
+
+    def text_of(self, key: int) -> str:
+        row = self.notes.iloc[key]
+        return f"{row['title']} {row['content']} {' '.join(row['topics'] or ())}"
+
+    def look_alikes(self, pool_size: int, seed: int) -> dict[int, tuple[int, int]]:
+        """One-modality look-alikes of every training pair's query note
+        (:mod:`components.train.hard_negatives`), among the training split's notes (at most
+        ``pool_size`` of them besides the pairs' own, a seeded sample); test notes are never
+        used."""
+        from components.common.notes import LazyNotes
+        from components.train.hard_negatives import mine
+
+        a = [self.row_of[x] for x in self.train["query_id"]]
+        b = [self.row_of[x] for x in self.train["target_id"]]
+        pool = list(self.train_keys)
+        if len(pool) > pool_size:
+            rng = np.random.default_rng(seed)
+            pool = sorted(rng.choice(pool, size=pool_size, replace=False).tolist())
+        lazy = LazyNotes(self.notes)
+        return mine(a, b, self.text_of, lazy.image, pool)
 
     def corpus(self) -> list[str]:
         """Texts of the training notes: the tiny tokenizer learns its vocabulary from them."""
@@ -119,17 +147,25 @@ class PixelCache:
         return torch.stack([self.cache[k] if k in self.cache else fresh[k] for k in keys])
 
 
-def make_collate(notes: LazyNotes, collator: NoteCollator, cache: PixelCache | None):
+def make_collate(notes: LazyNotes, collator: NoteCollator, cache: PixelCache | None,
+                 look_alikes: dict[int, tuple[int, ...]] | None = None):
+    """Batches of ``[a_1..a_N, b_1..b_N]`` notes; with ``look_alikes`` the query notes'
+    look-alikes follow as extra negatives, and ``n_pairs`` says where the pairs end."""
+
     def collate(items):
         ka, kb = zip(*items, strict=True)
         keys = list(ka) + list(kb)
+        if look_alikes is not None:
+            keys += [x for a in ka for x in look_alikes[a]]
         texts = [notes.text(k) for k in keys]
         pixels = None
         if collator.with_images:  # the texts carry no images: pixels come from here
             pixels = (cache.get(keys) if cache is not None
                       else collator.pixels([notes.image(k) for k in keys]))
         batch = collator(texts, pixel_values=pixels)
-        batch["keys"] = torch.tensor(keys, dtype=torch.long)  # (2N,)
+        batch["keys"] = torch.tensor(keys, dtype=torch.long)  # (2N [+ M],)
+        if look_alikes is not None:
+            batch["n_pairs"] = torch.tensor(len(ka))
         return batch
 
     return collate

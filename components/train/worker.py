@@ -150,11 +150,13 @@ class Objective(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, keys: torch.Tensor, gather: bool = True, **batch) -> dict[str, torch.Tensor]:
+    def forward(self, keys: torch.Tensor, gather: bool = True, n_pairs: torch.Tensor | None = None,
+                **batch) -> dict[str, torch.Tensor]:
         out = self.model(**batch)
         cfg = self.model.config
         losses = notellm2_loss(out, self.model.log_scale, cfg.loss_weight_m, cfg.loss_weight_v,
-                               keys=keys, gather=gather)
+                               keys=keys, gather=gather,
+                               n_pairs=int(n_pairs) if n_pairs is not None else None)
         losses["scale"] = self.model.log_scale.detach().float().exp().sum()
         return losses
 
@@ -358,24 +360,36 @@ class Trainer:
         # what a step sees: every rank's notes are negatives of every anchor (gathered loss)
         self.global_batch = self.bsz * self.world * t.grad_accum
         self.negatives = 2 * self.bsz * self.world - 2
+        if t.hard_negatives != "none":  # two look-alikes per pair, of every rank
+            self.negatives += 2 * self.bsz * self.world
         if self.rank == 0:
             log.info("DeepSpeed engine (ZeRO %d, %s, %d process(es)) ready in %.2f s",
                      self.stage, dtype_name(self.dtype), self.world, time.perf_counter() - t0)
             log.info("global batch %d pairs per step (%d per process x %d process(es) x %d "
                      "accumulation); %d in-batch negatives per note (2 x %d pairs x %d "
-                     "process(es) - 2)", self.global_batch, self.bsz, self.world, t.grad_accum,
-                     self.negatives, self.bsz, self.world)
+                     "process(es) - 2%s)", self.global_batch, self.bsz, self.world, t.grad_accum,
+                     self.negatives, self.bsz, self.world,
+                     "" if t.hard_negatives == "none" else " + 2 look-alikes per pair")
 
         lazy = LazyNotes(data.notes)
         collator = NoteCollator(model)
         cache = (PixelCache(lazy, collator, int(t.pixel_cache_mb * 2**20))
                  if model.vision is not None else None)
-        self.collate = make_collate(lazy, collator, cache)
+        self.collate = make_collate(lazy, collator, cache)  # validation: in-batch negatives only
+        look_alikes = None
+        if t.hard_negatives == "one_modality":
+            t0 = time.perf_counter()
+            look_alikes = data.look_alikes(t.hard_negative_pool, t.seed)
+            if self.rank == 0:
+                log.info("hard negatives: 2 one-modality look-alikes per pair, mined for %d "
+                         "query notes in %.1f s; each step encodes %d notes per process",
+                         len(look_alikes), time.perf_counter() - t0, 4 * self.bsz)
+        train_collate = make_collate(lazy, collator, cache, look_alikes)
         self.pairs = PairBatches(data.train, data.row_of)
         # a generator of its own: each new iterator draws a seed from it, which would otherwise
         # come from the global RNG and shift the dropout masks of a resumed run
         self.loader = torch.utils.data.DataLoader(
-            self.pairs, batch_sampler=self.order, collate_fn=self.collate,
+            self.pairs, batch_sampler=self.order, collate_fn=train_collate,
             num_workers=t.num_workers, generator=torch.Generator().manual_seed(t.seed))
         self.val = PairBatches(data.val, data.row_of) if data.val is not None else None
         self.store = CheckpointStore(default_root(job.model_out, t.checkpoint_dir),
