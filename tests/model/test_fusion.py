@@ -3,19 +3,21 @@ inputs."""
 
 from dataclasses import replace
 
+import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
-from model import build_model
+from model import NoteLLM2, build_model, encode
 from model.collator import NoteCollator
 from model.loss import info_nce, notellm2_loss
-from model.network import ConcatFusion
+from model.network import ConcatFusion, fit_whitening, whitening_stats
 from tests.model.test_model import CFG, CORPUS, notes
 
 
 def test_concat_fusion_adds_the_two_similarities_with_the_learned_share():
     torch.manual_seed(0)
-    fusion = ConcatFusion(vision_width=12, image_dim=6, text_share=0.7)
+    fusion = ConcatFusion(vision_width=12, text_dim=10, image_dim=6, text_share=0.7)
     t = F.normalize(torch.randn(5, 10), dim=-1)
     cls = torch.randn(5, 12)
     n = fusion(t, cls)
@@ -108,3 +110,42 @@ def _without_column(a, b, log_scale):
         logits = torch.stack([scale * e[i] @ c for c in cols + extra])
         rows.append(F.cross_entropy(logits[None], torch.tensor([target])))
     return torch.stack(rows).mean()
+
+
+# -- channel whitening ---------------------------------------------------------------------------
+
+
+def test_whitening_stats_decorrelate_an_anisotropic_cloud():
+    rng = np.random.default_rng(0)
+    common = np.ones(8) / np.sqrt(8)  # every vector leans the same way, as trained channels do
+    x = 0.9 * common + 0.3 * rng.standard_normal((4000, 8)) * np.linspace(0.2, 1.0, 8)
+    mean, white = whitening_stats(x, shrinkage=0.0)
+    y = (x - mean.numpy()) @ white.numpy()
+    np.testing.assert_allclose(np.cov(y.T), np.eye(8), atol=1e-6)
+    shrunk = whitening_stats(x, shrinkage=0.5)[1].numpy()
+    assert np.linalg.cond(shrunk) < np.linalg.cond(white.numpy())  # shrinkage tempers it
+
+
+def test_fitted_whitening_centres_unrelated_notes_and_survives_save_and_load(tmp_path):
+    model = build_model(replace(CFG, variant="notellm2", fusion="concat"), corpus=CORPUS,
+                        seed=0).eval()
+    sample = notes(24)
+    before = encode(model, sample, progress=False)
+    fit_whitening(model, sample, progress=False)
+    after = encode(model, sample, progress=False)
+    off = ~np.eye(len(sample), dtype=bool)
+    t_before, t_after = model.fusion.channels(torch.from_numpy(before))[0], \
+        model.fusion.channels(torch.from_numpy(after))[0]
+    # unrelated notes: from the common cone of a fresh model to around zero
+    assert (t_before @ t_before.T)[off].mean() > 0.5
+    assert abs(float((t_after @ t_after.T)[off].mean())) < 0.1
+    np.testing.assert_allclose(np.linalg.norm(after, axis=1), 1.0, rtol=1e-5)
+    model.save_pretrained(str(tmp_path / "m"))
+    again = NoteLLM2.from_pretrained(str(tmp_path / "m"))
+    np.testing.assert_allclose(encode(again, sample, progress=False), after, atol=1e-5)
+
+
+def test_whitening_refuses_the_gate():
+    model = build_model(replace(CFG, variant="notellm2"), corpus=CORPUS, seed=0)
+    with pytest.raises(ValueError, match="fusion=concat"):
+        fit_whitening(model, notes(4), progress=False)
