@@ -66,6 +66,9 @@ class TrainConfig:
     # most hard_negative_pool training-split notes (the step encodes 2 more notes per pair)
     hard_negatives: str = "none"
     hard_negative_pool: int = 100_000
+    # model.fusion=concat: training-split notes the exported model's channel whitening is
+    # fitted on (a seeded sample; 0 = leave the channels unwhitened)
+    whiten_notes: int = 4096
     # -- DeepSpeed on N processes (components/train/launch.py, worker.py, ds_config.py) --
     # processes on this node: 0 = one per visible GPU (1 on CPU); >1 runs torchrun
     nproc: int = 0
@@ -111,6 +114,8 @@ class TrainConfig:
         if self.hard_negatives not in ("none", "one_modality"):
             raise ValueError(f"train.hard_negatives must be none or one_modality, "
                              f"not {self.hard_negatives!r}")
+        if self.whiten_notes < 0 or self.whiten_notes == 1:
+            raise ValueError("train.whiten_notes must be 0 (off) or at least 2")
         if self.hard_negative_pool < 2:
             raise ValueError("train.hard_negative_pool must be at least 2")
         if self.export not in ("last", "best"):

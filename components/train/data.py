@@ -54,8 +54,8 @@ class TrainData:
         (:mod:`components.train.hard_negatives`), among the training split's notes (at most
         ``pool_size`` of them besides the pairs' own, a seeded sample); test notes are never
         used."""
-        from components.common.notes import LazyNotes
-        from components.train.hard_negatives import mine
+        from components.common import storage
+        from components.train.hard_negatives import mine, thumbnail
 
         a = [self.row_of[x] for x in self.train["query_id"]]
         b = [self.row_of[x] for x in self.train["target_id"]]
@@ -63,8 +63,12 @@ class TrainData:
         if len(pool) > pool_size:
             rng = np.random.default_rng(seed)
             pool = sorted(rng.choice(pool, size=pool_size, replace=False).tolist())
-        lazy = LazyNotes(self.notes)
-        return mine(a, b, self.text_of, lazy.image, pool)
+        uris = self.notes["image_uri"].tolist()
+
+        def image(k: int):
+            return thumbnail(storage.read_bytes(uris[k])) if uris[k] else None
+
+        return mine(a, b, self.text_of, image, pool)
 
     def corpus(self) -> list[str]:
         """Texts of the training notes: the tiny tokenizer learns its vocabulary from them."""

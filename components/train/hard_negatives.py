@@ -19,10 +19,12 @@ in-batch note being one.
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 import zlib
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image
@@ -77,6 +79,14 @@ def image_features(images: Sequence[Image.Image | None], size: int = THUMB) -> n
     return _unit(x)
 
 
+def thumbnail(data: bytes, size: int = THUMB) -> Image.Image:
+    """A small RGB picture from encoded image bytes; JPEGs are decoded at reduced scale
+    (``draft``), which is what makes mining a large pool affordable."""
+    with Image.open(io.BytesIO(data)) as im:
+        im.draft("RGB", (4 * size, 4 * size))
+        return im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+
+
 def _unit(x: np.ndarray) -> np.ndarray:
     norm = np.linalg.norm(x, axis=1, keepdims=True)
     return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
@@ -115,7 +125,7 @@ def one_modality_look_alikes(anchors: Sequence[int], text: np.ndarray, image: np
 
 
 def mine(keys_a: Sequence[int], keys_b: Sequence[int], texts: Callable[[int], str],
-         images: Callable[[int], Image.Image | None], pool: Sequence[int]
+         images: Callable[[int], Image.Image | None], pool: Sequence[int], *, threads: int = 8
          ) -> dict[int, tuple[int, int]]:
     """Look-alikes of every query note ``keys_a`` of the training pairs ``(a, b)``, chosen from
     the notes ``pool`` (note keys); returns ``{a: (text look-alike, image look-alike)}``."""
@@ -128,7 +138,8 @@ def mine(keys_a: Sequence[int], keys_b: Sequence[int], texts: Callable[[int], st
     log.info("mining one-modality look-alikes for %d anchors among %d notes",
              len(set(keys_a)), len(pool))
     t = text_features([texts(k) for k in pool])
-    v = image_features([images(k) for k in pool])
+    with ThreadPoolExecutor(max_workers=threads) as ex:  # decoding releases the GIL
+        v = image_features(list(ex.map(images, pool)))
     anchors = list(dict.fromkeys(keys_a))
     found = one_modality_look_alikes([where[a] for a in anchors], t, v, partners)
     return {a: (pool[int(x)], pool[int(y)]) for a, (x, y) in zip(anchors, found, strict=True)}

@@ -47,7 +47,7 @@ from components.train.ds_config import deepspeed_config, train_dtype
 from model import NoteLLM2, build_model
 from model.collator import NoteCollator
 from model.loss import notellm2_loss
-from model.network import llm_width
+from model.network import ConcatFusion, fit_whitening, llm_width, save_whitening
 from model.precision import dtype_name
 
 log = logging.getLogger(__name__)
@@ -379,7 +379,10 @@ class Trainer:
         look_alikes = None
         if t.hard_negatives == "one_modality":
             t0 = time.perf_counter()
-            look_alikes = data.look_alikes(t.hard_negative_pool, t.seed)
+            # rank 0 mines, the others take its answer
+            box = [data.look_alikes(t.hard_negative_pool, t.seed) if self.rank == 0 else None]
+            dist.broadcast_object_list(box, src=0)
+            look_alikes = box[0]
             if self.rank == 0:
                 log.info("hard negatives: 2 one-modality look-alikes per pair, mined for %d "
                          "query notes in %.1f s; each step encodes %d notes per process",
@@ -663,6 +666,31 @@ class Trainer:
         self.export(self.job.model_out)
         return self.step
 
+    def calibrate_export(self) -> None:
+        """Fit the exported model's channel whitening (``model.fusion=concat``) on a seeded
+        sample of ``train.whiten_notes`` training-split notes and write it beside the weights.
+        Rank 0 reloads the export (the last or the best weights, whichever was written) and
+        encodes the sample; the other ranks wait."""
+        t = self.t
+        if self.cfg.model.fusion != "concat" or not self.cfg.model.uses_fusion \
+                or t.whiten_notes == 0:
+            return
+        if self.rank == 0:
+            t0 = time.perf_counter()
+            model = NoteLLM2.from_pretrained(self.job.model_out, map_location=self.device,
+                                             dtype=self.dtype)
+            keys = list(self.data.train_keys)
+            if len(keys) > t.whiten_notes:
+                rng = np.random.default_rng(t.seed)
+                keys = sorted(rng.choice(keys, size=t.whiten_notes, replace=False).tolist())
+            sample = LazyNotes(self.data.notes.iloc[keys])  # images read batch by batch
+            fit_whitening(model, sample, device=self.device,
+                          batch_size=max(8, 2 * self.bsz), progress=self.job.progress)
+            save_whitening(model, self.job.model_out)
+            log.info("channel whitening fitted on %d training notes in %.1f s", len(keys),
+                     time.perf_counter() - t0)
+        self._barrier()
+
     def export(self, path: str, with_ds_config: bool = True) -> None:
         """The model's current weights in ``save_pretrained`` format at ``path``, written by
         rank 0.
@@ -698,6 +726,8 @@ def export_state(module: NoteLLM2, state: dict[str, torch.Tensor], path: str) ->
                   if module.vision is not None else None)
         skeleton = NoteLLM2(module.config, llm, vision, module.tokenizer, module.image_processor)
     skeleton.load_state_dict(state, strict=True, assign=True)
+    if isinstance(module.fusion, ConcatFusion):  # its whitening is no part of the state dict
+        skeleton.fusion.set_whitening_from(module.fusion)
     skeleton.save_pretrained(path)
 
 
@@ -719,6 +749,7 @@ def train(job: Job) -> dict[str, float]:
         resumed = trainer.resume()
         history = trainer.fit()
         history["exported_step"] = float(trainer.export_final())
+        trainer.calibrate_export()
         # host memory over the whole run (validation, checkpoints and export included), and
         # that of building the model alone
         history["peak_rss_mib"] = trainer.peak_rss_mib()

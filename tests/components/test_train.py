@@ -201,3 +201,21 @@ def test_horizontal_flips_are_deterministic_and_mirror_the_pixels():
     c = px.clone()
     Trainer._flip(trainer, c)
     assert not torch.equal(c, a)
+
+
+def test_concat_fusion_trains_on_look_alikes_and_exports_its_whitening(demo_dir, tmp_path):
+    canon, out = str(tmp_path / "canon"), str(tmp_path / "model")
+    write_canonical(read_dataset(demo_dir), canon)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id = create_run(uri, "t", "", {})
+    cfg = resolve("tiny", ["train.max_steps=2", "train.batch_pairs=4", "model.fusion=concat",
+                           "train.hard_negatives=one_modality", "train.whiten_notes=64"])
+    run(canon, out, cfg, tracking_uri=uri, run_id=run_id, progress=False)
+    params = mlflow.MlflowClient(uri).get_run(run_id).data.params
+    assert params["train.in_batch_negatives"] == str(2 * 4 - 2 + 2 * 4)  # + 2 look-alikes/pair
+    model = NoteLLM2.from_pretrained(out)
+    stats = model.fusion.whitening()
+    d = stats["text_white"].shape[0]
+    assert os.path.exists(os.path.join(out, "whitening.safetensors"))
+    assert not torch.allclose(stats["text_white"], torch.eye(d))  # fitted, not the identity
+    assert float(stats["text_mean"].norm()) > 0
