@@ -83,3 +83,20 @@ def demo_dir(tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("demo") / "data")
     make_demo_data(out, notes=120, seed=3)
     return out
+
+
+PIPELINE_FAST = ("train.max_steps=15", "train.batch_pairs=8", "train.val_every=10")
+
+
+@pytest.fixture(scope="session")
+def demo_pipeline(demo_dir, tmp_path_factory):
+    """One ``run_local`` of the demo data with its MLflow store in the work folder, shared by
+    the tests that only read what it left (a pipeline run costs over a minute on 2 cores).
+    Returns (work folder, the run's result)."""
+    from pipelines.local import run_local
+
+    work = str(tmp_path_factory.mktemp("pipeline") / "work")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        res = run_local(demo_dir, work, overrides=PIPELINE_FAST)
+    return work, res

@@ -64,7 +64,7 @@ class TrainConfig:
     # "one_modality" = the pair's query note's nearest note in wording whose picture differs
     # and its nearest in picture whose wording differs, mined once from raw features among at
     # most hard_negative_pool training-split notes (the step encodes 2 more notes per pair)
-    hard_negatives: str = "none"
+    hard_negatives: str = "one_modality"
     hard_negative_pool: int = 100_000
     # model.fusion=concat: training-split notes the exported model's channel whitening is
     # fitted on (a seeded sample; 0 = leave the channels unwhitened)
@@ -263,7 +263,10 @@ class MineConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    # the product's model: the paper's NoteLLM-2 with its late fusion as a whitened
+    # concatenation (model/network.py: ConcatFusion); ModelConfig itself keeps the paper's gate,
+    # so exports written before the change load as what they are
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(fusion="concat"))
     data: DataConfig = field(default_factory=DataConfig)
     mine: MineConfig = field(default_factory=MineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -18,20 +18,13 @@ import pytest
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
-FAST = ("train.max_steps=15", "train.batch_pairs=8", "train.val_every=10")
 MODEL_URI = "models:/notellm2@challenger"
 
 
 @pytest.fixture(scope="module")
-def pipeline_work(demo_dir, tmp_path_factory) -> str:
-    """One pipeline run, its MLflow store in the work folder."""
-    from pipelines.local import run_local
-
-    work = str(tmp_path_factory.mktemp("serving") / "work")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        run_local(demo_dir, work, overrides=FAST)
-    return work
+def pipeline_work(demo_pipeline) -> str:
+    """The shared pipeline run (tests/conftest.py), its MLflow store in the work folder."""
+    return demo_pipeline[0]
 
 
 def _wait_ready(url: str, proc: subprocess.Popen, log_path: str, timeout: float = 120) -> None:

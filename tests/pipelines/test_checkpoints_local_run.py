@@ -68,7 +68,8 @@ def test_qwen2_with_spare_rows_and_a_clip_tower_on_two_zero3_processes(demo_dir,
                                 "train.lr_schedule=linear"])
     client, version = _registered(work)
     run = client.get_run(version.run_id)
-    assert run.data.params["train.in_batch_negatives"] == str(2 * 4 * 2 - 2)
+    # every rank's notes and both look-alikes of every rank's pairs
+    assert run.data.params["train.in_batch_negatives"] == str(2 * 4 * 2 - 2 + 2 * 4 * 2)
     assert run.data.params["train.global_batch_pairs"] == "8"
     train = [r for r in client.search_runs([run.info.experiment_id])
              if r.data.tags.get("kfp_step") == "train"][0]

@@ -26,9 +26,8 @@ def _versions(work):
     return client.search_model_versions()
 
 
-def test_pipeline_runs_end_to_end(demo_dir, tmp_path):
-    work = str(tmp_path / "work")
-    res = run_local(demo_dir, work, overrides=FAST)
+def test_pipeline_runs_end_to_end(demo_pipeline, demo_dir):
+    work, res = demo_pipeline
     for name in ("metrics.json", "report.md", "model", "embeddings", "index", "mlflow.db"):
         assert os.path.exists(os.path.join(work, name)), name
     with open(os.path.join(work, "metrics.json")) as f:
