@@ -35,6 +35,7 @@ class ModelConfig:
     # embed_dim, w learned from text_share_init, so the two modalities' similarities add up
     fusion: str = "gate"
     text_share_init: float = 0.5
+    learn_text_share: bool = True  # false: w stays at text_share_init
     # prompt
     prompt_language: str = "en"  # "en" or "zh" (the reference code's wording)
     max_tokens: int = 140  # text tokens, image tokens not counted
