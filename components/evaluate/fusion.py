@@ -276,7 +276,8 @@ def fusion_chart(data: dict | None, metrics: dict, out_dir: str) -> bool:
         ax.legend(fontsize=7)
     if shares:
         ax = axes[0][-1]
-        names = ["overall"] + sorted(n for n in shares if n != "overall")
+        names = ["overall"] + sorted(n for n in shares
+                                     if n != "overall" and not is_length_slice(n))
         names = [n for n in names if n in shares]
         ax.bar(np.arange(len(names)), [shares[n] for n in names], color="tab:blue")
         ax.set_xticks(np.arange(len(names)), names, rotation=20, ha="right", fontsize=8)
