@@ -174,8 +174,9 @@ def whitening_stats(x: np.ndarray, shrinkage: float = 0.1) -> tuple[torch.Tensor
 def fit_whitening(model: NoteLLM2, notes, *, device: str | None = None, batch_size: int = 64,
                   progress: bool = True, shrinkage: float = 0.1) -> dict[str, torch.Tensor]:
     """Fit the concatenation's channel whitening on ``notes`` (a sample of training notes)
-    and set it in ``model``; returns the statistics. Notes without an image do not count for
-    the image channel."""
+    and set it in ``model``; returns the statistics. A note without a picture is encoded with
+    a blank one, as everywhere; a channel seen in fewer than twice its width of notes, or the
+    same in every note (no pictures at all), stays unwhitened."""
     from model.encode import encode
 
     fusion = model.fusion
@@ -185,11 +186,15 @@ def fit_whitening(model: NoteLLM2, notes, *, device: str | None = None, batch_si
     n = torch.from_numpy(encode(model, notes, batch_size=batch_size, device=device,
                                 progress=progress, desc="whitening"))
     t, v = fusion.channels(n)
-    has_image = v.norm(dim=-1) > 0.5
-    if int(has_image.sum()) < 2:
-        raise ValueError("whitening needs at least two notes with an image")
     stats = {}
-    for name, x in (("text", t), ("image", v[has_image])):
+    for name, x in (("text", t), ("image", v)):
+        if len(x) < 2 * x.shape[1]:  # too few to estimate a covariance: leave it unwhitened
+            log.warning("whitening: %d notes for the %d-d %s channel (%d needed); left as is",
+                        len(x), x.shape[1], name, 2 * x.shape[1])
+            continue
+        if float(x.var(dim=0).sum()) < 1e-6:  # e.g. no note has a picture: nothing to whiten
+            log.warning("whitening: the %s channel is the same for every note; left as is", name)
+            continue
         stats[f"{name}_mean"], stats[f"{name}_white"] = whitening_stats(x.numpy(), shrinkage)
     fusion.set_whitening(stats)
     return stats

@@ -129,7 +129,7 @@ def test_whitening_stats_decorrelate_an_anisotropic_cloud():
 def test_fitted_whitening_centres_unrelated_notes_and_survives_save_and_load(tmp_path):
     model = build_model(replace(CFG, variant="notellm2", fusion="concat"), corpus=CORPUS,
                         seed=0).eval()
-    sample = notes(24)
+    sample = notes(80)
     before = encode(model, sample, progress=False)
     fit_whitening(model, sample, progress=False)
     after = encode(model, sample, progress=False)
@@ -149,3 +149,14 @@ def test_whitening_refuses_the_gate():
     model = build_model(replace(CFG, variant="notellm2"), corpus=CORPUS, seed=0)
     with pytest.raises(ValueError, match="fusion=concat"):
         fit_whitening(model, notes(4), progress=False)
+
+
+def test_too_few_notes_or_no_pictures_leave_a_channel_unwhitened():
+    model = build_model(replace(CFG, variant="notellm2", fusion="concat"), corpus=CORPUS, seed=0)
+    assert fit_whitening(model, notes(20), progress=False) == {}  # 20 notes, 32-d channels
+    blank = [replace(x, image=None) for x in notes(80)]  # a text-only collection
+    stats = fit_whitening(model, blank, progress=False)
+    assert set(stats) == {"text_mean", "text_white"}
+    torch.testing.assert_close(model.fusion.image_white, torch.eye(model.fusion.image_white.shape[0]))
+    np.testing.assert_allclose(np.linalg.norm(encode(model, blank, progress=False), axis=1), 1.0,
+                               rtol=1e-5)
