@@ -44,6 +44,14 @@ def encode(model, notes: Sequence[NoteInput], *, batch_size: int = 64, probe: st
             batch = {k: v.to(device) for k, v in batch.items()}
             with torch.autocast(device_type="cuda", dtype=amp_dtype, enabled=use_amp):
                 vec = model(**batch)["n_m"]
+            bad = ~torch.isfinite(vec).all(dim=-1)
+            if bad.any():
+                where = [int(i) for i in idx[bad.cpu().numpy()]][:5]
+                raise FloatingPointError(
+                    f"the model gave non-finite vectors ({int(bad.sum())} in a batch of "
+                    f"{len(idx)}; notes at input positions {where}"
+                    f"{', ' + probe + ' probe' if probe else ''}): its weights or inputs are "
+                    "broken")
             out[idx] = vec.float().cpu().numpy()
             bar.update(len(idx))
     bar.close()

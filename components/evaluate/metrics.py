@@ -30,21 +30,27 @@ def partner_ranks(queries: np.ndarray, pool: np.ndarray, target: np.ndarray,
 
     queries (n, d), pool (m, d), target (n,) indices into pool; exclude (n,) a pool index to leave
     out per query (the query itself when it is in the pool) or -1. Memory is O(chunk * m).
+
+    A non-finite score never helps the partner: a partner scored NaN or ±inf is a miss (rank m),
+    and a competitor scored so counts as ahead of it, as ties do.
     """
     n = len(queries)
     ranks = np.empty(n, dtype=np.int64)
     exclude = np.full(n, -1) if exclude is None else exclude
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
-        scores = queries[s:e] @ pool.T  # (c, m)
+        with np.errstate(invalid="ignore"):
+            scores = queries[s:e] @ pool.T  # (c, m)
         rows = np.arange(e - s)
-        t_score = scores[rows, target[s:e]]  # (c,)
+        t_score = scores[rows, target[s:e]].copy()  # (c,)
+        t_ok = np.isfinite(t_score)
+        scores[~np.isfinite(scores)] = np.inf  # a broken competitor is ahead, never behind
         ex = exclude[s:e]
         has_ex = ex >= 0
         scores[rows[has_ex], ex[has_ex]] = -np.inf
         # ties count against the partner; the partner itself is not a competitor
         ahead = (scores >= t_score[:, None]).sum(axis=1) - 1
-        ranks[s:e] = ahead
+        ranks[s:e] = np.where(t_ok, ahead, pool.shape[0])
     return ranks
 
 
