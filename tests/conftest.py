@@ -85,7 +85,9 @@ def demo_dir(tmp_path_factory) -> str:
     return out
 
 
-PIPELINE_FAST = ("train.max_steps=15", "train.batch_pairs=8", "train.val_every=10")
+# the test demo holds ~20 test queries: below the production evidence floor
+PIPELINE_FAST = ("train.max_steps=15", "train.batch_pairs=8", "train.val_every=10",
+                 "register.min_eval_queries=5")
 
 
 @pytest.fixture(scope="session")

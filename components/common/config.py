@@ -216,6 +216,9 @@ class RegisterConfig:
     min_delta_ci_low: float = 0.0  # the interval's lower bound of ΔR@K must exceed this
     max_regression: float = 0.02  # no slice or probe may lose more R@K than this
     absolute_bar: float = 0.1  # R@K the first version needs when there is no champion
+    # the evidence floor: fewer evaluated test queries never promote (with 50 queries one query
+    # is 0.02 of R@K and a paired-bootstrap interval is still wide; with 1 it is a point)
+    min_eval_queries: int = 50
     # the A/B plan
     ab_traffic_challenger: float = 0.1
     ab_alpha: float = 0.05

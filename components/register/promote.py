@@ -41,7 +41,8 @@ class Decision:
 
 
 def rule_text(cfg: RegisterConfig) -> str:
-    return (f"against a champion: lower bound of the paired-bootstrap interval of "
+    return (f"at least {cfg.min_eval_queries} evaluated test queries; "
+            f"against a champion: lower bound of the paired-bootstrap interval of "
             f"Δ{cfg.promote_metric} > {cfg.min_delta_ci_low} and no slice or probe "
             f"Δ{cfg.promote_metric} below "
             f"−{cfg.max_regression}; without one: {cfg.promote_metric} ≥ {cfg.absolute_bar}")
@@ -65,6 +66,11 @@ def decide(metrics: dict, cfg: RegisterConfig) -> Decision:
     if status != "complete":
         return Decision(False, cfg.promote_metric,
                         [f"evaluation status is {status!r}, not 'complete': never promoted"])
+    queries = int(metrics.get("n_queries", 0) or 0)
+    if queries < cfg.min_eval_queries:
+        return Decision(False, cfg.promote_metric,
+                        [f"{queries} test queries evaluated, below register.min_eval_queries = "
+                         f"{cfg.min_eval_queries}: too little evidence to promote"])
     metric, notes = _metric(metrics, cfg.promote_metric)
     if metric not in metrics:
         return Decision(False, metric, [*notes, "no R@K in the evaluation: nothing to decide on"])

@@ -13,7 +13,9 @@ from pipelines.cli import main
 from pipelines.local import PipelineFailed, run_local
 
 pytestmark = pytest.mark.slow
-FAST = ("train.max_steps=15", "train.batch_pairs=8", "train.val_every=10")
+# the test demo holds ~20 test queries: below the production evidence floor
+FAST = ("train.max_steps=15", "train.batch_pairs=8", "train.val_every=10",
+        "register.min_eval_queries=5")
 
 
 @pytest.fixture(autouse=True)

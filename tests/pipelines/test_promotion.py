@@ -14,13 +14,15 @@ import pytest
 from click.testing import CliRunner
 
 from components.common.config import RegisterConfig
-from components.register.promote import decide
+from components.register.promote import decide, rule_text
 from pipelines.cli import main
 from pipelines.local import run_local
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
-FAST = ("train.max_steps=15", "train.batch_pairs=8", "train.val_every=10")
+# the test demo holds ~20 test queries: below the production evidence floor
+FAST = ("train.max_steps=15", "train.batch_pairs=8", "train.val_every=10",
+        "register.min_eval_queries=5")
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,8 @@ def test_promotion_workflow(server, demo_dir, tmp_path, monkeypatch):
 
     # a deliberately worse challenger: one training step
     second = run_local(demo_dir, str(tmp_path / "second"),
-                       overrides=("train.max_steps=1", "train.batch_pairs=8"))
+                       overrides=("train.max_steps=1", "train.batch_pairs=8",
+                                  "register.min_eval_queries=5"))
     assert second.metrics["champion_version"] == v1.version
     assert "delta/R@10/ci_low" in second.metrics
     v2 = client.get_model_version_by_alias("notellm2", "challenger")
@@ -106,15 +109,28 @@ def test_incomplete_evaluation_never_promotes(status):
 
 def test_gate_rules():
     cfg = RegisterConfig(max_regression=0.02)
-    base = {"status": "complete", "R@100": 0.8, "champion_version": "3", "delta/R@100": 0.05,
-            "delta/R@100/ci_low": 0.01, "delta/R@100/ci_high": 0.09}
+    base = {"status": "complete", "n_queries": 200, "R@100": 0.8, "champion_version": "3",
+            "delta/R@100": 0.05, "delta/R@100/ci_low": 0.01, "delta/R@100/ci_high": 0.09}
     assert decide(base, cfg).promote
     assert not decide(base | {"delta/R@100/ci_low": -0.001}, cfg).promote
     held = decide(base | {"delta/slice/short_query/R@100": -0.03}, cfg)
     assert not held.promote and any("slice/short_query regresses" in r for r in held.reasons)
     assert decide(base | {"delta/probe/text_only/R@100": -0.01}, cfg).promote
-    first = {"status": "complete", "R@100": 0.05}
+    first = {"status": "complete", "n_queries": 200, "R@100": 0.05}
     assert not decide(first, cfg).promote and decide(first | {"R@100": 0.5}, cfg).promote
-    small = {"status": "complete", "R@10": 0.5, "R@20": 0.7, "pool_size": 40}
+    small = {"status": "complete", "n_queries": 60, "R@10": 0.5, "R@20": 0.7, "pool_size": 40}
     d = decide(small, cfg)
     assert d.metric == "R@20" and "R@100 was not evaluated" in d.reasons[0]
+
+
+def test_too_few_queries_never_promote():
+    """One test query used to be enough: a single hit promoted (issue 15, item 2)."""
+    cfg = RegisterConfig()
+    one = {"status": "complete", "n_queries": 1, "R@100": 1.0}
+    d = decide(one, cfg)
+    assert not d.promote and "below register.min_eval_queries = 50" in d.reasons[0]
+    against = one | {"champion_version": "3", "delta/R@100": 1.0, "delta/R@100/ci_low": 1.0,
+                     "delta/R@100/ci_high": 1.0}
+    assert not decide(against, cfg).promote
+    assert decide(one | {"n_queries": 50}, cfg).promote
+    assert "at least 50 evaluated test queries" in rule_text(cfg)
