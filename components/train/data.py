@@ -17,6 +17,12 @@ from components.common.notes import LazyNotes
 from model.collator import NoteCollator
 
 
+def note_texts(notes: pd.DataFrame) -> pd.Series:
+    """Title, content and topics of each note as one string (what the tokenizer and the
+    look-alike miner read)."""
+    return notes["title"] + " " + notes["content"] + " " + notes["topics"].map(" ".join)
+
+
 def training_pairs(pairs: pd.DataFrame) -> pd.DataFrame:
     return pairs[pairs["query_id"] != pairs["target_id"]].reset_index(drop=True)
 
@@ -45,10 +51,6 @@ class TrainData:
         return cls(allnotes, train, val if val is not None and len(val) else None,
                    {nid: i for i, nid in enumerate(allnotes["note_id"])}, train_keys)
 
-    def text_of(self, key: int) -> str:
-        row = self.notes.iloc[key]
-        return f"{row['title']} {row['content']} {' '.join(row['topics'] or ())}"
-
     def look_alikes(self, pool_size: int, seed: int) -> dict[int, tuple[int, int]]:
         """One-modality look-alikes of every training pair's query note
         (:mod:`components.train.hard_negatives`), among the training split's notes (at most
@@ -63,18 +65,19 @@ class TrainData:
         if len(pool) > pool_size:
             rng = np.random.default_rng(seed)
             pool = sorted(rng.choice(pool, size=pool_size, replace=False).tolist())
+        texts = note_texts(self.notes).tolist()  # one pass over the columns
         uris = self.notes["image_uri"].tolist()
 
         def image(k: int):
             return thumbnail(storage.read_bytes(uris[k])) if uris[k] else None
 
-        return mine(a, b, self.text_of, image, pool)
+        return mine(a, b, texts.__getitem__, image, pool)
 
     def corpus(self) -> list[str]:
         """Texts of the training notes: the tiny tokenizer learns its vocabulary from them."""
         ids = set(self.train["query_id"]) | set(self.train["target_id"])
         rows = self.notes[self.notes["note_id"].isin(ids)]
-        return (rows["title"] + " " + rows["content"] + " " + rows["topics"].map(" ".join)).tolist()
+        return note_texts(rows).tolist()
 
     def note_ids(self, keys: list[int]) -> list[str]:
         return [str(self.notes["note_id"].iat[k]) for k in keys]
