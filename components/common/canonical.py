@@ -8,6 +8,7 @@ import pandas as pd
 
 from components.common import storage
 from components.common.readers import read_table, write_table
+from components.common.schema import where
 
 
 def load_canonical(canonical_dir: str) -> tuple[dict[str, pd.DataFrame], dict[str, pd.DataFrame],
@@ -46,3 +47,32 @@ def derive_canonical(src: str, dst: str, *, notes: dict[str, pd.DataFrame] | Non
     storage.write_text(storage.join(dst, "manifest.json"), json.dumps(manifest, indent=2,
                                                                       default=str))
     return manifest
+
+
+def evaluation_errors(notes: dict[str, pd.DataFrame], pairs: dict[str, pd.DataFrame]) -> list[str]:
+    """What makes an honest evaluation impossible: no test notes (the candidate pool would be
+    training notes), or a note in both the training (train, val) and the evaluated (test,
+    test_<slice>) pairs — the check mined pairs get, applied to pairs the data brings."""
+    errors = []
+    if "test" not in notes:
+        errors.append(f"no test notes (notes_test.csv or notes_test.parquet; the data has "
+                      f"{', '.join('notes_' + s for s in notes) or 'none'}): evaluation would "
+                      "rank among training notes")
+    trained = [(k, pairs[k][c]) for k in ("train", "val") if k in pairs
+               for c in ("query_id", "target_id")]
+    for k, v in pairs.items():
+        if not (k == "test" or k.startswith("test_")):
+            continue
+        for c in ("query_id", "target_id"):
+            for name, ids in trained:
+                hit = v[c].isin(ids).to_numpy()
+                if not hit.any():
+                    continue
+                i = int(hit.argmax())
+                place = where(v["_file"].iloc[i] if "_file" in v else f"pairs_{k}",
+                              int(v["_row"].iloc[i]) if "_row" in v else i + 1, c)
+                errors.append(f"{place}: note {v[c].iloc[i]!r} of the {k} pairs is also in the "
+                              f"{name} pairs ({v[c][hit].nunique()} such note(s)); evaluated "
+                              "notes must be unseen in training")
+                return errors
+    return errors

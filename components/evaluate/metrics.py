@@ -62,10 +62,12 @@ def recall_at_k(ranks: np.ndarray, ks: Sequence[int], pool_size: int) -> dict[st
 
 def evaluate_pairs(pairs: list[tuple[str, str]], pool_ids: Sequence[str], pool: np.ndarray,
                    query_vecs: np.ndarray, ks: Sequence[int], chunk: int = 1024,
-                   ranks_out: list | None = None) -> tuple[dict[str, float], int]:
+                   ranks_out: list | None = None, pairs_out: list | None = None
+                   ) -> tuple[dict[str, float], int]:
     """Recall@K of already de-duplicated ``pairs`` over a fixed pool. Pairs whose target is not
     in the pool are left out; returns (metrics, number of queries used). ``ranks_out`` receives
-    the per-query ranks, in pair order (for paired comparisons)."""
+    the per-query ranks, in pair order (for paired comparisons), ``pairs_out`` the pairs they
+    belong to."""
     pos = {nid: i for i, nid in enumerate(pool_ids)}
     kept = [(i, q, t) for i, (q, t) in enumerate(pairs) if t in pos]
     if not kept:
@@ -76,4 +78,6 @@ def evaluate_pairs(pairs: list[tuple[str, str]], pool_ids: Sequence[str], pool: 
     ranks = partner_ranks(query_vecs[rows], pool, target, exclude, chunk)
     if ranks_out is not None:
         ranks_out.append(ranks)
+    if pairs_out is not None:
+        pairs_out.append([(q, t) for _, q, t in kept])
     return recall_at_k(ranks, ks, len(pool_ids)), len(kept)

@@ -13,8 +13,10 @@ import numpy as np
 import pandas as pd
 
 from components.common import storage
-from components.common.canonical import load_canonical
+from components.common.canonical import evaluation_errors, load_canonical
 from components.common.config import EvalConfig
+from components.common.readers import read_table, write_table
+from components.common.schema import DataError
 from components.embed.run import read_vectors
 from components.evaluate.fusion import (
     channel_similarity,
@@ -63,7 +65,8 @@ def _protocol(test_pairs, test_ids, vectors: np.ndarray, cfg: EvalConfig, slices
     pool = vectors[[row[n] for n in pool_ids]] if pool_ids else vectors[:0]
     out: dict[str, float] = {}
     q_vecs = vectors[[row[q] for q, _ in kept]] if kept else vectors[:0]
-    m, n = evaluate_pairs(kept, pool_ids, pool, q_vecs, cfg.ks, cfg.query_chunk, keep(""))
+    m, n = evaluate_pairs(kept, pool_ids, pool, q_vecs, cfg.ks, cfg.query_chunk, keep(""),
+                          keep("ids:"))
     out |= m
     counts = {"n_queries": n, "pool_size": len(pool_ids)}
     if index_dir:
@@ -73,7 +76,7 @@ def _protocol(test_pairs, test_ids, vectors: np.ndarray, cfg: EvalConfig, slices
         sk = dedupe_pairs(zip(sp["query_id"], sp["target_id"], strict=True))
         sq = vectors[[row[q] for q, _ in sk]] if sk else vectors[:0]
         sm, sn = evaluate_pairs(sk, pool_ids, pool, sq, cfg.ks, cfg.query_chunk,
-                                keep(f"slice/{name}"))
+                                keep(f"slice/{name}"), keep(f"ids:slice/{name}"))
         out |= {f"slice/{name}/{k}": v for k, v in sm.items()}
         counts[f"slice/{name}/n_queries"] = sn
     return out, counts
@@ -155,8 +158,12 @@ def run(canonical_dir: str, embeddings_dir: str, out_dir: str, cfg: EvalConfig, 
     (``index/R@K``); with ``champion_dir`` (a saved NoteLLM-2 model) the champion's R@K on the
     same queries and the paired-bootstrap differences (``champion/…``, ``delta/…``)."""
     notes, pairs, manifest = load_canonical(canonical_dir)
+    if problems := evaluation_errors(notes, pairs) + ([] if "test" in pairs else [
+            "no test pairs (note_pairs_test.csv or pairs_test.parquet, or events to mine "
+            "them from): nothing to evaluate"]):
+        raise DataError(f"{canonical_dir}: evaluation refused:\n  " + "\n  ".join(problems))
     table, vectors = read_vectors(storage.join(embeddings_dir, "notes.parquet"))
-    test_split = "test" if "test" in notes else next(iter(notes))
+    test_split = "test"
     test_ids = notes[test_split]["note_id"].tolist()
     pos = {nid: i for i, nid in enumerate(table["note_id"])}
     missing = [n for n in test_ids if n not in pos]
@@ -201,12 +208,37 @@ def run(canonical_dir: str, embeddings_dir: str, out_dir: str, cfg: EvalConfig, 
                                     slices, sorted(probe_vecs), ranks, counts["pool_size"], cfg)
         counts["champion_version"] = champion_version
     result = {**metrics, **counts, "ties": "pessimistic", "status": "complete"}
+    write_query_ranks(ranks, storage.join(out_dir, QUERY_RANKS))
     storage.write_text(storage.join(out_dir, "metrics.json"), json.dumps(result, indent=2))
     storage.write_text(storage.join(out_dir, "report.md"), report_markdown(result, manifest))
     _chart(result, out_dir)
     fusion_chart(fusion_data, result, out_dir)
     log.info("evaluation: %s", {k: round(v, 4) for k, v in metrics.items() if "/" not in k})
     return result
+
+
+QUERY_RANKS = "query_ranks.parquet"
+
+
+def write_query_ranks(ranks: dict[str, list], uri: str) -> None:
+    """Per-query ranks of the main protocol and each slice (set "" or "slice/<name>"), with the
+    query and partner ids: what a later paired comparison with another evaluation of the same
+    queries needs without embedding anything again (see promote.redecide)."""
+    frames = []
+    for name, found in ranks.items():
+        if name.startswith(("ids:", "probe/")) or not found:
+            continue
+        ids = ranks.get(f"ids:{name}") or [[]]
+        frames.append(pd.DataFrame({"set": name, "query_id": [q for q, _ in ids[0]],
+                                    "target_id": [t for _, t in ids[0]], "rank": found[0]}))
+    if frames:
+        write_table(pd.concat(frames, ignore_index=True), uri)
+
+
+def read_query_ranks(path: str) -> dict[str, pd.DataFrame]:
+    """{set: frame of query_id, target_id, rank} from :func:`write_query_ranks`'s file."""
+    table = read_table(path)
+    return {name: df.reset_index(drop=True) for name, df in table.groupby("set", sort=False)}
 
 
 def _versus_champion(champion_dir, test_notes, test_pairs, test_ids, slices, probes,
@@ -226,7 +258,7 @@ def _versus_champion(champion_dir, test_notes, test_pairs, test_ids, slices, pro
         pv = encode(champion, lazy, probe=probe, progress=False)
         _protocol(test_pairs, test_ids, pv, cfg, {}, ranks=(pr := {}))
         theirs[f"probe/{probe}"] = pr.get("", [])
-    first = {k: v[0] for k, v in ranks.items() if v}
+    first = {k: v[0] for k, v in ranks.items() if v and not k.startswith("ids:")}
     return compare_ranks(first, {k: v[0] for k, v in theirs.items() if v}, cfg.ks, pool_size,
                          resamples=cfg.bootstrap_resamples, seed=cfg.bootstrap_seed,
                          level=cfg.ci_level)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from components.common import storage
-from components.common.canonical import derive_canonical, load_canonical
+from components.common.canonical import derive_canonical, evaluation_errors, load_canonical
 from components.common.config import DataConfig
 from components.common.readers import read_table, write_table
 from components.common.schema import DataError, where
@@ -85,6 +85,7 @@ def run(canonical_dir: str, out_dir: str, cfg: DataConfig, validated_dir: str = 
     todo = tables(notes, pairs, events, images, cfg)
     results = engine.validate(todo)
     rep = report(todo, results, cfg)
+    rep.errors += evaluation_errors(notes, pairs)
     rep.stats |= {"seconds_images": round(checked - start, 2),
                   "seconds_gx": round(time.perf_counter() - checked, 2)}
     if validated_dir and rep.success:  # first, so the reports count the pairs it drops
