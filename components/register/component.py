@@ -38,22 +38,31 @@ def register(model: Input[Model], evaluation: Input[Artifact], index: Input[Arti
 def promote(decision: Input[Artifact], preset: str, overrides: list,
             mlflow_tracking_uri: str, mlflow_run_id: str) -> str:
     """Give the version the gate passed the champion alias (the old champion becomes
-    previous_champion); the ``promote`` step run records both versions."""
+    previous_champion) with a compare-and-set: if another run moved the champion since the
+    decision, the version is decided again against the new champion and held unless it wins
+    (the reason in its ``promotion_refused`` tag). Safe to retry. The ``promote`` step run
+    records both versions. Returns "promoted" or "held"."""
     import json
 
     import mlflow
 
     from components.common import logs, tracking
     from components.common.config import resolve
-    from components.register.promote import promote as move
+    from components.register.promote import promote_checked
 
     logs.setup()
-    cfg = resolve(preset, overrides).register
+    cfg = resolve(preset, overrides)
     client = mlflow.MlflowClient(tracking_uri=tracking.tracking_uri(mlflow_tracking_uri))
     with open(f"{decision.path}/decision.json") as f:
-        version = json.load(f)["version"]
+        made = json.load(f)
+    name, version = cfg.register.model_name, made["version"]
     with tracking.step_run(mlflow_tracking_uri, mlflow_run_id, "promote"):
-        aliases = move(client, cfg.model_name, version, reason="pipeline gate")
-        mlflow.set_tags({"model_name": cfg.model_name, "model_version": version}
-                        | {k: v or "-" for k, v in aliases.items()})
-    return f"models:/{cfg.model_name}@champion"
+        out = promote_checked(client, name, version, made.get("champion_version", ""),
+                              cfg.register, cfg.eval)
+        mlflow.set_tags({"model_name": name, "model_version": version,
+                         "champion": out["champion"] or "-",
+                         "previous_champion": out["previous_champion"] or "-",
+                         "promoted": str(out["promoted"]).lower()})
+        if out["reasons"]:
+            mlflow.log_text("\n".join(out["reasons"]), "decision/promotion.md")
+    return "promoted" if out["promoted"] else "held"

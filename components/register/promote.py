@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from statistics import NormalDist
 
-from components.common.config import RegisterConfig
+from components.common.config import EvalConfig, RegisterConfig
 
 log = logging.getLogger(__name__)
 CHAMPION, PREVIOUS = "champion", "previous_champion"
@@ -109,33 +109,187 @@ def _version_of(client, name: str, alias: str) -> str | None:
         return None
 
 
-def promote(client, name: str, version: str, reason: str = "gate") -> dict:
-    """Make ``version`` the champion; the one it replaces becomes ``previous_champion``."""
-    current = _version_of(client, name, CHAMPION)
-    if current == str(version):
+LOCK_TAG = "notellm2.promotion_lock"
+
+
+class RegistryLock:
+    """A lease on the registry's aliases of one model, held as a registered-model tag
+    (``<token> <expiry>``) so that promote, the pipeline's promotion and rollback never move
+    aliases at the same time. MLflow has no compare-and-set; the lease is taken by writing the
+    tag, waiting ``settle`` seconds and reading it back: of two contenders that both saw it free,
+    only the later writer reads its own token. That holds as long as one registry write takes
+    less than ``settle``. A lease not released (a killed task) lapses after ``ttl`` seconds."""
+
+    def __init__(self, client, name: str, *, ttl: float = 120.0, settle: float = 0.5,
+                 wait: float = 300.0):
+        import uuid
+
+        self.client, self.name, self.ttl, self.settle, self.wait = client, name, ttl, settle, wait
+        self.token = uuid.uuid4().hex
+
+    def _holder(self) -> tuple[str, float]:
+        value = self.client.get_registered_model(self.name).tags.get(LOCK_TAG, "")
+        token, _, expiry = value.partition(" ")
+        try:
+            return token, float(expiry)
+        except ValueError:
+            return "", 0.0
+
+    def __enter__(self):
+        deadline = time.time() + self.wait
+        while True:
+            token, expiry = self._holder()
+            if not token or token == self.token or expiry < time.time():
+                self.client.set_registered_model_tag(self.name, LOCK_TAG,
+                                                     f"{self.token} {time.time() + self.ttl}")
+                time.sleep(self.settle)
+                if self._holder()[0] == self.token:
+                    return self
+            if time.time() > deadline:
+                raise TimeoutError(f"{self.name}: the registry lease ({LOCK_TAG}) is held by "
+                                   f"{token} for {max(0.0, expiry - time.time()):.0f} s more; "
+                                   "another promotion is running")
+            time.sleep(self.settle * (1 + (hash(self.token) % 100) / 100))
+
+    def __exit__(self, *exc):
+        if self._holder()[0] == self.token:
+            self.client.delete_registered_model_tag(self.name, LOCK_TAG)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _move(client, name: str, version: str, current: str | None, reason: str) -> dict:
+    """Champion to ``version``; ``current`` becomes previous_champion. Tags first, then
+    previous_champion, then champion, so a retry after any of the writes finishes the move:
+    a version that already is the champion gets previous_champion from its own tag."""
+    version = str(version)
+    if current == version:
+        before = client.get_model_version(name, version).tags.get(PREVIOUS)
+        if before and _version_of(client, name, PREVIOUS) != before:
+            client.set_registered_model_alias(name, PREVIOUS, before)  # a retried move
         log.info("%s version %s is already the champion", name, version)
-        return {"champion": current, "previous_champion": _version_of(client, name, PREVIOUS)}
-    client.set_registered_model_alias(name, CHAMPION, str(version))
-    client.set_model_version_tag(name, str(version), "promoted_at",
-                                 time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    client.set_model_version_tag(name, str(version), "promoted_by", reason)
+        return {"champion": version, "previous_champion": _version_of(client, name, PREVIOUS)}
+    client.set_model_version_tag(name, version, "promoted_at", _now())
+    client.set_model_version_tag(name, version, "promoted_by", reason)
     if current:
+        client.set_model_version_tag(name, version, PREVIOUS, current)
         client.set_registered_model_alias(name, PREVIOUS, current)
-        client.set_model_version_tag(name, str(version), PREVIOUS, current)
+    client.set_registered_model_alias(name, CHAMPION, version)
     log.info("%s version %s is the champion (previous: %s)", name, version, current or "none")
-    return {"champion": str(version), "previous_champion": current}
+    return {"champion": version, "previous_champion": current}
+
+
+def promote(client, name: str, version: str, reason: str = "gate") -> dict:
+    """Make ``version`` the champion, unconditionally (under the registry lease); the one it
+    replaces becomes ``previous_champion``."""
+    with RegistryLock(client, name):
+        return _move(client, name, str(version), _version_of(client, name, CHAMPION), reason)
+
+
+def promote_checked(client, name: str, version: str, compared_with: str, cfg: RegisterConfig,
+                    eval_cfg: EvalConfig | None = None, reason: str = "pipeline gate") -> dict:
+    """The pipeline's promotion: a compare-and-set on ``champion``. Under the registry lease the
+    champion is read again; when it is still ``compared_with`` (the version the gate's decision
+    compared against, "" for none) the aliases move. When another run moved it meanwhile, the
+    version is decided again against the new champion from both evaluations' per-query ranks
+    (:func:`redecide`, the same rule on the same queries) and moves only if that passes;
+    otherwise it is held and the reason is written to its ``promotion_refused`` tag. Returns
+    {"champion", "previous_champion", "promoted", "reasons"}."""
+    version = str(version)
+    with RegistryLock(client, name):
+        current = _version_of(client, name, CHAMPION)
+        if current == version:
+            return _move(client, name, version, current, reason) | {"promoted": True,
+                                                                    "reasons": []}
+        reasons = []
+        if (current or "") != (compared_with or ""):
+            decision = redecide(client, name, version, current, cfg, eval_cfg)
+            reasons = [f"the champion moved from {compared_with or 'none'} to {current} after "
+                       f"the decision; decided again against {current}:", *decision.reasons]
+            client.set_model_version_tag(name, version, "redecided_against", str(current))
+            client.set_model_version_tag(name, version, "redecision_reasons",
+                                         " | ".join(reasons)[:5000])
+            if not decision.promote:
+                client.set_model_version_tag(name, version, "decision", "hold")
+                client.set_model_version_tag(name, version, "promotion_refused",
+                                             " | ".join(reasons)[:5000])
+                log.warning("%s version %s not promoted: %s", name, version, " ".join(reasons))
+                return {"champion": current, "previous_champion":
+                        _version_of(client, name, PREVIOUS), "promoted": False,
+                        "reasons": reasons}
+        return _move(client, name, version, current, reason) | {"promoted": True,
+                                                                "reasons": reasons}
+
+
+def version_file(client, name: str, version: str, artifact: str) -> str:
+    """A local copy of an artifact of the run a version was registered from."""
+    import mlflow
+
+    mv = client.get_model_version(name, version)
+    return mlflow.artifacts.download_artifacts(
+        run_id=mv.run_id, artifact_path=artifact,
+        tracking_uri=client._tracking_client.tracking_uri)
+
+
+def redecide(client, name: str, version: str, champion: str | None, cfg: RegisterConfig,
+             eval_cfg: EvalConfig | None = None) -> Decision:
+    """The gate's decision for ``version`` against ``champion`` without embedding again: both
+    evaluations' per-query ranks (``evaluation/query_ranks.parquet``) on the identical queries,
+    the paired bootstrap of :func:`compare_ranks`, then :func:`decide`. Not comparable (no
+    ranks, other queries or pool): a hold that says so."""
+    from mlflow.exceptions import MlflowException
+
+    from components.evaluate.compare import compare_ranks
+    from components.evaluate.run import QUERY_RANKS, read_query_ranks
+
+    mine = version_metrics(client, name, version)
+    base = {k: v for k, v in mine.items()
+            if not k.startswith(("delta/", "champion/")) and k != "champion_version"}
+    if not champion:
+        return decide(base, cfg)
+    try:
+        ranks = [read_query_ranks(version_file(client, name, v, f"evaluation/{QUERY_RANKS}"))
+                 for v in (version, champion)]
+        theirs = version_metrics(client, name, champion)
+    except (MlflowException, OSError, ValueError) as e:  # pyarrow's ArrowInvalid is one
+        return Decision(False, cfg.promote_metric, [
+            f"no per-query ranks to compare version {version} with {champion} ({e}); "
+            "evaluate again against the new champion (notellm2 compare)"], str(champion))
+    same = (mine.get("pool_size") == theirs.get("pool_size") and set(ranks[0]) == set(ranks[1])
+            and all(ranks[0][k][["query_id", "target_id"]].equals(
+                ranks[1][k][["query_id", "target_id"]]) for k in ranks[0]))
+    if not same:
+        return Decision(False, cfg.promote_metric, [
+            f"versions {version} and {champion} were evaluated on different queries or pools: "
+            "not comparable; evaluate again against the new champion (notellm2 compare)"],
+            str(champion))
+    ks = sorted(int(k[2:]) for k in mine if k.startswith("R@"))
+    a, b = ({k: v["rank"].to_numpy() for k, v in r.items()} for r in ranks)
+    ev = eval_cfg or EvalConfig()
+    delta = compare_ranks(a, b, ks, int(mine.get("pool_size", 0)),
+                          resamples=ev.bootstrap_resamples, seed=ev.bootstrap_seed,
+                          level=ev.ci_level)
+    return decide(base | delta | {"champion_version": str(champion)}, cfg)
 
 
 def rollback(client, name: str) -> dict:
     """Give ``champion`` back to the ``previous_champion``; the demoted version is tagged."""
+    with RegistryLock(client, name):
+        return _rollback(client, name)
+
+
+def _rollback(client, name: str) -> dict:
     previous = _version_of(client, name, PREVIOUS)
     current = _version_of(client, name, CHAMPION)
     if previous is None:
         raise LookupError(f"{name} has no '{PREVIOUS}' alias: nothing to roll back to")
+    if previous == current:  # a retried rollback that moved champion already
+        current = None
     client.set_registered_model_alias(name, CHAMPION, previous)
     if current:
-        client.set_model_version_tag(name, current, "rolled_back",
-                                     time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        client.set_model_version_tag(name, current, "rolled_back", _now())
     before = client.get_model_version(name, previous).tags.get(PREVIOUS)
     if before and before != previous:
         client.set_registered_model_alias(name, PREVIOUS, before)
@@ -218,13 +372,7 @@ def decision_tags(decision: Decision, cfg: RegisterConfig) -> dict[str, str]:
 
 def version_metrics(client, name: str, version: str) -> dict:
     """The evaluation a version was registered with (``evaluation/metrics.json`` of its run)."""
-    import mlflow
-
-    mv = client.get_model_version(name, version)
-    path = mlflow.artifacts.download_artifacts(run_id=mv.run_id,
-                                               artifact_path="evaluation/metrics.json",
-                                               tracking_uri=client._tracking_client.tracking_uri)
-    with open(path) as f:
+    with open(version_file(client, name, version, "evaluation/metrics.json")) as f:
         return json.load(f)
 
 
@@ -235,12 +383,14 @@ def manual_promote(client, name: str, version: str, cfg: RegisterConfig, *, forc
     metrics = version_metrics(client, name, version)
     decision = decide(metrics, cfg)
     problems = [] if decision.promote else decision.reasons
-    current = _version_of(client, name, CHAMPION)
-    if current and current != str(version) and decision.champion_version != current:
-        problems.append(f"version {version} was evaluated against champion "
-                        f"{decision.champion_version or 'none'}, but the champion is now "
-                        f"{current}: evaluate it again (notellm2 compare) or use --force")
-    if problems and not force:
-        raise PermissionError("not promoted:\n  " + "\n  ".join(problems))
-    moved = promote(client, name, version, reason="manual --force" if problems else "manual")
+    with RegistryLock(client, name):
+        current = _version_of(client, name, CHAMPION)
+        if current and current != str(version) and decision.champion_version != current:
+            problems.append(f"version {version} was evaluated against champion "
+                            f"{decision.champion_version or 'none'}, but the champion is now "
+                            f"{current}: evaluate it again (notellm2 compare) or use --force")
+        if problems and not force:
+            raise PermissionError("not promoted:\n  " + "\n  ".join(problems))
+        moved = _move(client, name, str(version), current,
+                      "manual --force" if problems else "manual")
     return moved, problems

@@ -37,6 +37,17 @@ def _arm(client, name: str, version: str) -> dict:
             "index_params": json.loads(mv.tags.get("index_params", "{}"))}
 
 
+def registered_version(client, name: str, run_id: str) -> str | None:
+    """The version ``run_id`` registered already (a retried register task), or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    except MlflowException:
+        return None
+    return str(min(int(v.version) for v in found)) if found else None
+
+
 def run(model_dir: str, eval_dir: str, index_dir: str, cfg: RegisterConfig, *,
         tracking_uri: str, run_id: str, package_version: str, decision_dir: str = "") -> dict:
     """Register the version (alias ``challenger``), decide on promotion (tags, decision.md) and
@@ -62,26 +73,30 @@ def run(model_dir: str, eval_dir: str, index_dir: str, cfg: RegisterConfig, *,
                 mlflow.log_artifacts(dest, artifact_path=name)
         with open(os.path.join(local_model, "config.json")) as f:
             dim = json.load(f)["model"]["embed_dim"]
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=SERVING, artifacts={"model": local_model},
-            signature=_signature(dim), registered_model_name=cfg.model_name,
-            pip_requirements=[f"notellm2-kfp=={package_version}"],
-        )
-    version = str(info.registered_model_version)
-    client = mlflow.MlflowClient(tracking_uri=tracking.tracking_uri(tracking_uri))
-    client.set_registered_model_alias(cfg.model_name, cfg.alias, version)
-    for key in ("R@10", "R@100", "n_queries", "pool_size"):
-        if key in metrics:
-            client.set_model_version_tag(cfg.model_name, version, tracking.metric_key(key),
-                                         str(metrics[key]))
+        client = mlflow.MlflowClient(tracking_uri=tracking.tracking_uri(tracking_uri))
+        version = registered_version(client, cfg.model_name, run_id)
+        if version:  # a retried task: the version of the first attempt, not a second one
+            log.info("run %s already registered %s version %s: reused", run_id,
+                     cfg.model_name, version)
+        else:
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=SERVING, artifacts={"model": local_model},
+                signature=_signature(dim), registered_model_name=cfg.model_name,
+                pip_requirements=[f"notellm2-kfp=={package_version}"],
+            )
+            version = str(info.registered_model_version)
     index_meta = json.loads(storage.read_text(storage.join(index_dir, "index.json")))
-    tags = {"run_id": run_id, "embed_dim": str(dim), "evaluation_status": metrics["status"],
-            "index_params": json.dumps({k: index_meta.get(k) for k in (
-                "factory", "search_params", "recall", "recall_k") if k in index_meta})}
+    tags = {tracking.metric_key(k): str(metrics[k])
+            for k in ("R@10", "R@100", "n_queries", "pool_size") if k in metrics}
+    tags |= {"run_id": run_id, "embed_dim": str(dim), "evaluation_status": metrics["status"],
+             "index_params": json.dumps({k: index_meta.get(k) for k in (
+                 "factory", "search_params", "recall", "recall_k") if k in index_meta})}
     decision = promote.decide(metrics, cfg)
     tags |= promote.decision_tags(decision, cfg)
+    # every tag before the alias: whoever follows ``challenger`` finds the decision written
     for key, value in tags.items():
         client.set_model_version_tag(cfg.model_name, version, key, value)
+    client.set_registered_model_alias(cfg.model_name, cfg.alias, version)
     log.info("registered %s version %s with alias %r; gate: %s (%s)", cfg.model_name, version,
              cfg.alias, decision.verdict, "; ".join(decision.reasons))
     champion = (_arm(client, cfg.model_name, decision.champion_version)
