@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
 import socket
+import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 
 import pytest
 from PIL import Image
@@ -14,6 +19,33 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+
+@contextlib.contextmanager
+def mlflow_server(root) -> Iterator[str]:
+    """A real ``mlflow server`` on loopback (SQLite store, artifacts under ``root``); yields
+    its URI and stops it afterwards."""
+    os.makedirs(root, exist_ok=True)
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+         "--artifacts-destination", os.path.join(str(root), "artifacts"), "--workers", "1"],
+        cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not start")
+        yield uri
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def free_port() -> int:

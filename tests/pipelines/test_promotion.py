@@ -3,10 +3,6 @@ worse challenger is registered but held with its reasons, manual promotion is gu
 restores the champion, and the champion serves the embed step's vectors."""
 
 import os
-import subprocess
-import sys
-import time
-import urllib.request
 
 import mlflow
 import numpy as np
@@ -17,7 +13,7 @@ from components.common.config import RegisterConfig
 from components.register.promote import decide, rule_text
 from pipelines.cli import main
 from pipelines.local import run_local
-from tests.conftest import free_port
+from tests.conftest import mlflow_server
 
 pytestmark = pytest.mark.slow
 # the test demo holds ~20 test queries: below the production evidence floor
@@ -27,27 +23,8 @@ FAST = ("train.max_steps=15", "train.batch_pairs=8", "train.val_every=10",
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-        cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("mlflow server did not start")
+    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as uri:
         yield uri
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_promotion_workflow(server, demo_dir, tmp_path, monkeypatch):
