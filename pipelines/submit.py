@@ -2,10 +2,13 @@
 after the package version and the compiled YAML's content hash, then start a run or a recurring
 run in an experiment.
 
-Authentication follows kfp.Client: ``existing_token`` (``--token``) if given, else the token file
-named by ``$KF_PIPELINES_SA_TOKEN_PATH``, else the projected in-cluster service-account token at
+Authentication follows kfp.Client: ``existing_token`` if given, else the token file named by
+``$KF_PIPELINES_SA_TOKEN_PATH``, else the projected in-cluster service-account token at
 ``/var/run/secrets/kubeflow/pipelines/token`` when present, else none (a port-forwarded API).
 kfp.Client skips the token file whenever a host is named, so it is passed here as credentials.
+The command line takes ``existing_token`` from ``$NOTELLM2_KFP_TOKEN``, from a file
+(``--token-file``, ``-`` for stdin) or, least safely, ``--token`` (the command line of a process
+is readable by every user of the machine via ``ps`` and lands in shell history).
 """
 
 from __future__ import annotations
@@ -41,6 +44,31 @@ _TYPES: dict[str, tuple[str, Any]] = {
 
 class SubmitError(RuntimeError):
     """The KFP API refused a request or could not be reached."""
+
+
+TOKEN_ENV = "NOTELLM2_KFP_TOKEN"
+
+
+def _token(ctx: click.Context, token_file, token: str | None) -> str | None:
+    """The bearer token from ``--token-file``, ``$NOTELLM2_KFP_TOKEN`` or ``--token``; a token
+    given on the command line works but is warned about."""
+    from click.core import ParameterSource
+
+    source = ctx.get_parameter_source("token")
+    on_argv = token is not None and source == ParameterSource.COMMANDLINE
+    if token_file is not None:
+        if on_argv:
+            raise ValueError("give the KFP token once: --token or --token-file, not both")
+        token = token_file.read().strip()
+        if not token:
+            raise ValueError(f"--token-file {token_file.name}: the file is empty")
+        return token
+    if on_argv:
+        click.secho(f"warning: --token puts the KFP token on the command line, where other "
+                    f"users can read it (ps) and shell history keeps it; use ${TOKEN_ENV} or "
+                    f"--token-file", fg="yellow", err=True)
+    token = (token or "").strip()
+    return token or None
 
 
 # --- cron -------------------------------------------------------------------------------------
@@ -236,7 +264,8 @@ def _api_error(e: Exception, host: str) -> SubmitError:
             detail = body.get("error_message") or body.get("message") or detail
         except (ValueError, AttributeError):
             pass
-        hint = " (check --token or $KF_PIPELINES_SA_TOKEN_PATH)" if e.status in (401, 403) else ""
+        hint = (" (check --token-file, $NOTELLM2_KFP_TOKEN or --token, or "
+                "$KF_PIPELINES_SA_TOKEN_PATH)" if e.status in (401, 403) else "")
         return SubmitError(f"KFP API at {host} answered {e.status} {e.reason}: "
                            f"{str(detail).strip()}{hint}")
     return SubmitError(f"could not talk to the KFP API at {host}: {e}")
@@ -333,16 +362,26 @@ def _description(package: str) -> str | None:
               "(second minute hour day-of-month month day-of-week), e.g. '0 0 2 * * *'.")
 @click.option("--image", default=None, help="Component image (default: from the package version, "
               "or $NOTELLM2_IMAGE).")
-@click.option("--token", default=None, help="Bearer token for the KFP API [default: the file "
-              "named by $KF_PIPELINES_SA_TOKEN_PATH, or the in-cluster pipelines token].")
+@click.option("--token-file", type=click.File("r"), default=None, metavar="PATH",
+              help="Read the bearer token for the KFP API from this file ('-': stdin).")
+@click.option("--token", default=None, envvar=TOKEN_ENV, show_envvar=True,
+              help="Bearer token for the KFP API. Prefer the environment variable or "
+              "--token-file: a token on the command line is visible to other users (ps) and "
+              "stays in shell history [default: the file named by $KF_PIPELINES_SA_TOKEN_PATH, "
+              "or the in-cluster pipelines token].")
 def submit_cmd(host: str, namespace: str | None, experiment: str | None,
                param_pairs: tuple[str, ...], run_name: str | None, cron: str | None,
-               image: str | None, token: str | None) -> None:
-    """Upload the pipeline (reusing an identical version) and start a run on a KFP cluster."""
+               image: str | None, token_file, token: str | None) -> None:
+    """Upload the pipeline (reusing an identical version) and start a run on a KFP cluster.
+
+    The KFP bearer token comes from --token-file, $NOTELLM2_KFP_TOKEN or --token (in that
+    order of preference), else from kfp's own sources ($KF_PIPELINES_SA_TOKEN_PATH, the
+    in-cluster pipelines token)."""
     from pipelines.cli import _fail
     from pipelines.compile import compile_pipeline
 
     try:
+        token = _token(click.get_current_context(), token_file, token)
         if cron is not None:
             validate_cron(cron)
         with tempfile.TemporaryDirectory() as tmp:

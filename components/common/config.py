@@ -99,10 +99,20 @@ class TrainConfig:
     trainjob_namespace: str = ""  # "" = the namespace of the pod that submits it
     trainjob_image: str = ""  # "" = the component image (components.common.image)
     trainjob_timeout_s: int = 86_400  # also the TrainJob's activeDeadlineSeconds
+    # torch.distributed timeout of every collective (init_process_group's `timeout`): a rank
+    # that waits at a barrier while the others upload their checkpoint shards to gs:// must not
+    # time out (NCCL's default is 10 minutes), so this is sized for the slowest upload
+    pg_timeout_s: int = 3600
+    # the lease on the checkpoint root (components/train/lease.py) that the launching task
+    # holds and renews while the TrainJob runs; a lease not renewed for this long is stale
+    lease_ttl_s: int = 600
 
     def __post_init__(self) -> None:
         if self.launcher not in ("local", "trainjob"):
             raise ValueError(f"train.launcher must be local or trainjob, not {self.launcher!r}")
+        if min(self.pg_timeout_s, self.lease_ttl_s) < 60:
+            raise ValueError("train.pg_timeout_s and train.lease_ttl_s must be at least 60 "
+                             "(seconds)")
         if min(self.num_nodes, self.trainjob_timeout_s) < 1 or self.gpus_per_node < 0:
             raise ValueError("train.num_nodes and train.trainjob_timeout_s must be at least 1, "
                              "train.gpus_per_node not negative")

@@ -1,8 +1,10 @@
 """The registered model behind a real ``mlflow models serve``: the REST answer for a few test
-notes equals what the pipeline's embed step wrote for them."""
+notes, their images sent as bytes, equals what the pipeline's embed step wrote for them; an
+``image_uri`` the server was not told it may read is refused with a 400."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -63,15 +65,20 @@ def test_served_model_returns_the_embed_step_vectors(pipeline_work, demo_dir, tm
     from components.embed.run import read_vectors
 
     test = read_dataset(demo_dir).notes["test"].head(4)
-    rows = test.assign(topics=test["topics"].map(",".join))[
-        ["title", "content", "topics", "image_uri"]]
-    assert rows["image_uri"].map(bool).any(), "no test note with an image"
+    assert test["image_uri"].map(bool).any(), "no test note with an image"
+
+    def b64(uri):  # the image's bytes, base64 as MLflow takes a binary column; "" = none
+        return base64.b64encode(open(uri, "rb").read()).decode() if uri else ""
+
+    rows = test.assign(topics=test["topics"].map(",".join), image=test["image_uri"].map(b64))[
+        ["title", "content", "topics", "image"]]
 
     port = free_port()
     # the CLI execs `uvicorn` from PATH: put this environment's scripts first, as activating it
     # would (the tests may run with the venv's python without an activated venv)
     bin_dir = os.path.dirname(sys.executable)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{pipeline_work}/mlflow.db",
+    env = {k: v for k, v in os.environ.items() if k != "NOTELLM2_SERVING_IMAGE_PREFIXES"}
+    env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{pipeline_work}/mlflow.db",
            "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
     log_path = str(tmp_path / "serve.log")
     with open(log_path, "w") as log:
@@ -83,11 +90,21 @@ def test_served_model_returns_the_embed_step_vectors(pipeline_work, demo_dir, tm
             start_new_session=True)
     try:
         _wait_ready(f"http://127.0.0.1:{port}/ping", proc, log_path)
-        body = json.dumps({"dataframe_split": rows.to_dict(orient="split", index=False)})
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body.encode(),
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=120) as r:
+        def invoke(frame):
+            body = json.dumps({"dataframe_split": frame.to_dict(orient="split", index=False)})
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                         data=body.encode(),
+                                         headers={"Content-Type": "application/json"})
+            return urllib.request.urlopen(req, timeout=120)
+
+        with invoke(rows) as r:
             served = np.asarray(json.loads(r.read())["predictions"], dtype=np.float32)
+        # a path on the server's disk: not read (no NOTELLM2_SERVING_IMAGE_PREFIXES set)
+        uri = next(u for u in test["image_uri"] if u)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            invoke(rows.drop(columns="image").head(1).assign(image_uri=uri))
+        assert refused.value.code == 400
+        assert "NOTELLM2_SERVING_IMAGE_PREFIXES" in refused.value.read().decode()
     finally:
         _stop(proc)
 

@@ -14,6 +14,7 @@ import pytest
 
 from components.common import storage
 from components.common.config import resolve
+from components.train import lease
 from components.train import trainjob as tj
 
 kubernetes = pytest.importorskip("kubernetes")
@@ -321,10 +322,12 @@ class LocalGcs:
 def cluster(tmp_path, monkeypatch):
     gcs = LocalGcs(tmp_path / "gcs")
     monkeypatch.setattr(tj, "storage", gcs)
+    # the lease on the checkpoint root: the local file's compare-and-swap, on the same folder
+    monkeypatch.setattr(lease, "_file", lambda uri: lease._LocalFile(gcs.local(uri)))
     ns = tmp_path / "namespace"
     ns.write_text("team-a\n")
     monkeypatch.setattr(tj, "NAMESPACE_FILE", str(ns))
-    monkeypatch.setattr(tj, "job_name", lambda: "notellm2-train-feedbeef")
+    monkeypatch.setattr(tj, "job_name", lambda *a, **kw: "notellm2-train-feedbeef")
     monkeypatch.setenv("NOTELLM2_IMAGE", IMAGE)
     monkeypatch.setenv("KFP_POD_NAME", "notellm2-xyz-train-123")
     monkeypatch.setenv("KFP_POD_UID", "3f0c")

@@ -245,7 +245,8 @@ def kfp_api(monkeypatch, tmp_path):
     import kfp.client.client
 
     for var in ("KF_PIPELINES_SA_TOKEN_PATH", "KF_PIPELINES_DEFAULT_EXPERIMENT_NAME",
-                "KF_PIPELINES_ENDPOINT", "KF_PIPELINES_UI_ENDPOINT", "NOTELLM2_IMAGE"):
+                "KF_PIPELINES_ENDPOINT", "KF_PIPELINES_UI_ENDPOINT", "NOTELLM2_IMAGE",
+                "NOTELLM2_KFP_TOKEN"):
         monkeypatch.delenv(var, raising=False)
     # nothing from this machine's kfp context or an in-cluster token may leak in
     monkeypatch.setattr(kfp.client.client.Client, "_LOCAL_KFP_CONTEXT",
