@@ -12,10 +12,26 @@ Layout under the checkpoint root (a local folder or ``gs://`` prefix)::
         COMPLETE                 step and validation loss; written last
     nonfinite-step-00000731.json a diagnostic, when a loss turned NaN / inf
 
-Every rank writes into ``.tmp-step-XXXXXXXX``; once all have finished, rank 0 renames it and
-writes the marker (on GCS, which has no rename, each node uploads its staging folder and rank 0
-writes the marker after the uploads). Resume takes the newest folder with the marker and ignores
-the rest; the newest ``keep`` complete folders are kept.
+Every rank writes into ``.tmp-step-XXXXXXXX``; once all have finished, each node's first rank
+flushes the folder to disk (``fsync`` of every file and folder, :meth:`CheckpointStore.sync`),
+rank 0 renames it, flushes the rename, and writes the marker atomically (temporary name, fsync,
+rename, fsync of the folder), so a power cut cannot leave a marker in front of shards that never
+reached the disk. On GCS, which has no rename and no fsync, each node uploads its staging folder
+and rank 0 writes the marker after every upload has returned: an object GCS acknowledged is
+durable and read back whole, so the order of the writes is all that matters there. The marker
+lists every file of the checkpoint with its size.
+
+Resume takes the newest folder with the marker and ignores the rest; the newest ``keep`` complete
+folders are kept. A complete checkpoint that does not load (a file missing or of another size
+than the marker says, a shard that does not unpickle: :meth:`CheckpointStore.check`,
+:func:`probe`) is passed over for the next older one, with a warning; it is removed once the
+resumed run has published a newer checkpoint of its own (:meth:`CheckpointStore.prune`). A bit
+flipped inside a tensor's data is not detected: that would need a checksum of every shard at
+every save.
+
+A checkpoint belongs to one configuration and one training data set: ``trainer_state.json``
+holds the fingerprint of both (:func:`data_fingerprint` for the data), and a run whose fingerprint
+differs refuses the folder instead of resuming it (the worker's ``CheckpointMismatch``).
 
 The root defaults to ``<parent of the model output>/checkpoints``: in KFP that is the train
 task's own output folder, which a retried task sees again, so it continues where it stopped.
@@ -25,13 +41,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
 import time
 
+import numpy as np
+import pandas as pd
+
 from components.common import storage
+
+log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
 DS_TAG = "ds"
@@ -94,6 +116,26 @@ class CheckpointStore:
     def read_state(self, step: int) -> dict:
         return json.loads(storage.read_text(storage.join(self.path(step), STATE)))
 
+    def check(self, step: int) -> str | None:
+        """(rank 0) What is wrong with complete checkpoint ``step`` on its storage, or None: a
+        marker or trainer state that does not parse, a file the marker lists that is missing or
+        of another size. Markers of older versions list no files; only their state is read."""
+        try:
+            marker = json.loads(storage.read_text(storage.join(self.path(step), MARKER)))
+            self.read_state(step)
+        except Exception as e:  # noqa: BLE001 -- a missing file, bad JSON, a GCS NotFound
+            return f"{type(e).__name__}: {e}"
+        want = marker.get("files")
+        if not want:
+            return None
+        have = _sizes(self.path(step))
+        for rel, size in sorted(want.items()):
+            if rel not in have:
+                return f"{rel} is missing"
+            if have[rel] != size:
+                return f"{rel} holds {have[rel]} bytes, {size} were written"
+        return None
+
     def local_copy(self, step: int, *, download: bool) -> str:
         """A local folder holding checkpoint ``step``. With GCS, the caller whose ``download``
         is true (one rank per node) fetches it; the others wait at a barrier, then read it."""
@@ -117,6 +159,13 @@ class CheckpointStore:
         os.makedirs(tmp, exist_ok=True)
         return tmp
 
+    def sync(self, step: int) -> None:
+        """(one rank per node, after every rank has written) Flush the staging folder's files
+        and folders to disk before anything marks them complete. On GCS the staging folder is a
+        local scratch copy that is uploaded, not kept: nothing to flush."""
+        if not self.remote:
+            _fsync_tree(self.staging(step))
+
     def upload(self, step: int) -> None:
         """(GCS: one rank per node, after every rank has written) Copy the node's staging folder
         to the bucket."""
@@ -132,14 +181,20 @@ class CheckpointStore:
             if os.path.exists(final):  # a partial folder of an earlier attempt
                 shutil.rmtree(final)
             os.replace(self.staging(step), final)
+            _fsync_dir(self.root)  # the rename itself, before the marker may follow it
         _write_durably(storage.join(final, MARKER),
-                       json.dumps({"step": step, "time": time.time(), **summary}, indent=1))
+                       json.dumps({"step": step, "time": time.time(), **summary,
+                                   "files": _sizes(final)}, indent=1))
         return final
 
-    def prune(self) -> list[str]:
+    def prune(self, current: int | None = None) -> list[str]:
         """(rank 0, between saves) Remove all but the newest ``keep`` complete checkpoints, and
-        every partial folder. Returns what it removed."""
-        complete = self.complete_steps()
+        every partial folder. Returns what it removed.
+
+        ``current`` is the step just published: complete checkpoints of later steps are left
+        from a trajectory this run abandoned (it resumed from an older one because they did
+        not load) and go too."""
+        complete = [s for s in self.complete_steps() if current is None or s <= current]
         keep = {step_name(s) for s in complete[-self.keep:]}
         gone = [n for n in self._names()
                 if (n.startswith(".tmp-step-") or _STEP.match(n)) and n not in keep]
@@ -171,8 +226,10 @@ class CheckpointStore:
             storage.upload_dir(staging, final)
             shutil.rmtree(staging, ignore_errors=True)
         else:
+            _fsync_tree(staging)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(staging, final)
+            _fsync_dir(self.root)
         _write_durably(marker, json.dumps({**summary, "time": time.time()}, indent=1))
         return final
 
@@ -197,14 +254,117 @@ class CheckpointStore:
         return storage.join(self.root, f"nonfinite-{step_name(step)}.json")
 
 
+def data_fingerprint(notes: pd.DataFrame, pairs: dict[str, pd.DataFrame | None]) -> dict:
+    """What a checkpoint was trained on: the counts and one SHA-256 over the note table (ids,
+    texts, topics, category and image file name, in their order: a note's key is its row) and
+    the pair tables (``query_id``, ``target_id`` rows in order), hashed column-wise with
+    pandas' fixed-key row hash (a second or two for a million notes). The image's folder is
+    left out, so the same data set read from another place is the same data; an image replaced
+    under the same name is not seen."""
+    h = hashlib.sha256()
+
+    def add(name: str, df: pd.DataFrame) -> None:
+        h.update(f"{name}:{len(df)}:{','.join(df.columns)};".encode())
+        h.update(pd.util.hash_pandas_object(df, index=False).to_numpy(np.uint64).tobytes())
+
+    cols = {"note_id": notes["note_id"].astype(str)}
+    for c in ("title", "content", "category"):
+        if c in notes:
+            cols[c] = notes[c].fillna("").astype(str)
+    if "topics" in notes:
+        cols["topics"] = notes["topics"].map(lambda t: "\x1f".join(map(str, t))
+                                             if t is not None else "")
+    if "image_uri" in notes:
+        cols["image"] = notes["image_uri"].fillna("").map(lambda u: str(u).rsplit("/", 1)[-1])
+    add("notes", pd.DataFrame(cols))
+    out = {"notes": len(notes)}
+    for name, df in sorted(pairs.items()):
+        rows = 0 if df is None else len(df)
+        out[f"{name}_pairs"] = rows
+        if df is not None:
+            add(name, df[["query_id", "target_id"]].astype(str))
+    out["sha256"] = h.hexdigest()
+    return out
+
+
+def probe(folder: str) -> str | None:
+    """(one rank per node) What keeps the checkpoint in local ``folder`` from loading, or None:
+    every ``.pt`` file is opened as torch does (memory-mapped: the zip directory and the
+    pickled structure are read, not the tensors) and every ``.json`` file parsed. Run before
+    the engine loads anything, so that all ranks pass over a bad checkpoint together instead
+    of one rank failing inside DeepSpeed's collective load."""
+    import torch
+
+    for root, _, files in sorted(os.walk(folder)):
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, folder)
+            try:
+                if name.endswith(".pt"):
+                    torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+                elif name.endswith(".json"):
+                    with open(path) as f:
+                        json.load(f)
+            except Exception as e:  # noqa: BLE001 -- whatever torch.load raises on a bad file
+                return f"{rel}: {type(e).__name__}: {str(e)[:300]}"
+    return None
+
+
+def _sizes(uri: str) -> dict[str, int]:
+    """Size of every file under ``uri`` by relative path, the marker left out."""
+    out = {}
+    if storage.is_gcs(uri):
+        bucket, blob = storage._split(uri)
+        prefix = blob.rstrip("/") + "/"
+        for b in storage._client().list_blobs(bucket, prefix=prefix):
+            rel = b.name[len(prefix):]
+            if rel and not rel.endswith("/"):
+                out[rel] = int(b.size)
+    else:
+        for root, _, files in os.walk(uri):
+            for name in files:
+                path = os.path.join(root, name)
+                out[os.path.relpath(path, uri).replace(os.sep, "/")] = os.path.getsize(path)
+    out.pop(MARKER, None)
+    return out
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: str) -> None:
+    """fsync every file under ``path``, then every folder, deepest first (a file's directory
+    entry is durable once its folder is). Another process's writes count too: the page cache
+    belongs to the file, not to the process that wrote it."""
+    for root, _, files in os.walk(path, topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(root)
+
+
 def _write_durably(uri: str, text: str) -> None:
+    """Write a small file that is either absent or whole after a crash: a temporary name,
+    fsync, rename, fsync of its folder. On GCS an upload is atomic and durable once it
+    returns."""
     if storage.is_gcs(uri):
         storage.write_text(uri, text)
         return
-    with open(uri, "w") as f:
+    tmp = uri + ".tmp"
+    with open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+    os.replace(tmp, uri)
+    _fsync_dir(os.path.dirname(os.path.abspath(uri)))
 
 
 def _remove_file(uri: str) -> None:

@@ -22,12 +22,19 @@ import torch
 
 from components.common.config import TrainConfig
 from components.train import worker
-from components.train.worker import CheckpointMismatch, Job, NonFiniteLoss
+from components.train.worker import (
+    CheckpointMismatch,
+    CheckpointUnreadable,
+    Job,
+    NonFiniteGradient,
+    NonFiniteLoss,
+)
 
 log = logging.getLogger(__name__)
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # errors a worker raises that keep their type when they cross the process boundary
-KNOWN_ERRORS = {e.__name__: e for e in (NonFiniteLoss, CheckpointMismatch, ValueError)}
+KNOWN_ERRORS = {e.__name__: e for e in (NonFiniteLoss, NonFiniteGradient, CheckpointMismatch,
+                                         CheckpointUnreadable, ValueError)}
 
 
 class WorkerFailed(RuntimeError):

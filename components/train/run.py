@@ -14,10 +14,19 @@ import dataclasses
 from components.common.config import RunConfig
 from components.train import launch
 from components.train.data import PairBatches, PixelCache, make_collate, training_pairs
-from components.train.worker import CheckpointMismatch, Job, NonFiniteLoss, lr_lambda, param_groups
+from components.train.worker import (
+    CheckpointMismatch,
+    CheckpointUnreadable,
+    Job,
+    NonFiniteGradient,
+    NonFiniteLoss,
+    lr_lambda,
+    param_groups,
+)
 
-__all__ = ["CheckpointMismatch", "NonFiniteLoss", "PairBatches", "PixelCache", "lr_lambda",
-           "make_collate", "param_groups", "run", "training_pairs"]
+__all__ = ["CheckpointMismatch", "CheckpointUnreadable", "NonFiniteGradient", "NonFiniteLoss",
+           "PairBatches", "PixelCache", "lr_lambda", "make_collate", "param_groups", "run",
+           "training_pairs"]
 
 
 def run(canonical_dir: str, model_out: str, cfg: RunConfig, *, tracking_uri: str = "",

@@ -34,7 +34,15 @@ from tqdm.auto import tqdm
 from components.common import storage, tracking
 from components.common.config import RunConfig
 from components.common.notes import LazyNotes
-from components.train.checkpoint import DS_TAG, STATE, CheckpointStore, default_root
+from components.train.checkpoint import (
+    DS_TAG,
+    STATE,
+    CheckpointStore,
+    data_fingerprint,
+    default_root,
+    probe,
+    step_name,
+)
 from components.train.data import (
     PairBatches,
     PairOrder,
@@ -68,8 +76,17 @@ class NonFiniteLoss(FloatingPointError):
     """The loss turned NaN or inf; nothing was updated with it."""
 
 
+class NonFiniteGradient(FloatingPointError):
+    """The global gradient norm of a step turned NaN or inf (the loss was finite); no checkpoint
+    holds the step's update."""
+
+
 class CheckpointMismatch(RuntimeError):
-    """The checkpoint folder holds another configuration's run."""
+    """The checkpoint folder holds the run of another configuration or other training data."""
+
+
+class CheckpointUnreadable(RuntimeError):
+    """The checkpoint folder holds complete checkpoints of this run, and none of them loads."""
 
 
 @dataclass(frozen=True)
@@ -285,10 +302,12 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(tensor(state["cuda"]))
 
 
-def fingerprint(cfg: RunConfig, world: int) -> dict:
-    """What decides the trajectory of a run; a checkpoint resumes only under the same one."""
+def fingerprint(cfg: RunConfig, world: int, data: dict | None = None) -> dict:
+    """What decides the trajectory of a run; a checkpoint resumes only under the same one: the
+    configuration, the number of processes and the training data
+    (:func:`components.train.checkpoint.data_fingerprint` of the notes and pairs)."""
     train = {k: v for k, v in asdict(cfg.train).items() if k not in OPERATIONAL}
-    return {"model": asdict(cfg.model), "train": train, "world_size": world}
+    return {"model": asdict(cfg.model), "train": train, "world_size": world, "data": data}
 
 
 def _json_float(x: float) -> float | str:
@@ -397,7 +416,12 @@ class Trainer:
         self.val = PairBatches(data.val, data.row_of) if data.val is not None else None
         self.store = CheckpointStore(default_root(job.model_out, t.checkpoint_dir),
                                      t.keep_checkpoints)
-        self.fingerprint = fingerprint(cfg, self.world)
+        self.fingerprint = fingerprint(cfg, self.world, data_fingerprint(
+            data.notes, {"train": data.train, "val": data.val}))
+        # DeepSpeed's ZeRO and bf16 optimizers compute the global gradient norm of each step (and
+        # skip a step whose norm is not finite); the plain engine (stage 0, fp32) hands the
+        # gradients to the torch optimizer as they are, so the worker computes the norm itself
+        self.own_grad_norm = not hasattr(self.engine.optimizer, "_global_grad_norm")
         self.step, self.epoch, self.position = 0, 0, 0
         self.resumed_metrics: dict[str, float] = {}  # the last checkpoint's, when resumed
         # train.export=best: the step and validation loss of the weights kept as the best
@@ -426,36 +450,101 @@ class Trainer:
         dist.barrier()
 
     def resume(self) -> int | None:
-        """Load the newest complete checkpoint, if any; returns its step."""
+        """Load the newest complete checkpoint that loads, if any; returns its step.
+
+        A checkpoint of another configuration or of other training data (notes, pairs) is
+        refused with :class:`CheckpointMismatch` rather than resumed: the folder belongs to
+        another run, and neither resuming its weights nor deleting them is this run's call
+        (point ``train.checkpoint_dir`` elsewhere, or ``train.resume=false`` to clear it).
+
+        A complete checkpoint that does not load is passed over for the next older one, with a
+        warning naming it: its files are checked against the marker on storage (rank 0), every
+        node's copy is opened file by file (:func:`probe`), all before the engine loads
+        anything, so the ranks agree before any of them enters DeepSpeed's collective load;
+        an error in the load itself falls back the same way. When no complete checkpoint loads,
+        :class:`CheckpointUnreadable`: training from scratch over them is left to
+        ``train.resume=false``."""
         t = self.t
-        latest = None
+        steps: list[int] = []
         if self.rank == 0:
             if t.resume:
-                latest = self.store.latest()
+                steps = self.store.complete_steps()
             else:
                 self.store.clear()
-        latest = _broadcast(latest)
-        if latest is None:
-            return None
-        state = self.store.read_state(latest)
+        steps = _broadcast(steps)
+        failed = []
+        for step in reversed(steps):
+            problem = self._load(step)
+            if problem is None:
+                return step
+            failed.append(f"{step_name(step)}: {problem}")
+            if self.rank == 0:
+                older = [s for s in steps if s < step]
+                log.warning("checkpoint %s does not load (%s); %s", self.store.path(step), problem,
+                            f"resuming from the older {step_name(older[-1])} instead" if older
+                            else "no older complete checkpoint is left")
+        if failed:
+            raise CheckpointUnreadable(
+                f"none of the complete checkpoints in {self.store.root} loads "
+                f"({'; '.join(failed)}). Delete them, or set train.resume=false to start over")
+        return None
+
+    def _agree(self, mine: str | None) -> str | None:
+        """Every rank's problem (or None) to every rank; the first one found, naming its rank."""
+        everyone = [None] * self.world
+        dist.all_gather_object(everyone, mine)
+        bad = [(r, p) for r, p in enumerate(everyone) if p is not None]
+        return None if not bad else (bad[0][1] if self.world == 1
+                                     else f"rank {bad[0][0]}: {bad[0][1]}")
+
+    def _load(self, step: int) -> str | None:
+        """(every rank) Load checkpoint ``step`` into the engine and the loop's position; returns
+        why it could not, or None."""
+        problem, state = None, None
+        if self.rank == 0:
+            problem = self.store.check(step)
+            if problem is None:
+                state = self.store.read_state(step)
+        problem, state = _broadcast((problem, state))
+        if problem is not None:
+            return problem
         diff = _differences(self.fingerprint, state["fingerprint"])
         if diff:
+            data, config = (any(d.startswith("data") == x for d in diff) for x in (True, False))
+            who = ("another configuration on other training data" if data and config
+                   else "a run on other training data" if data else "another configuration")
             raise CheckpointMismatch(
-                f"the checkpoints in {self.store.root} were written by another configuration "
-                f"({'; '.join(diff[:8])}). Point train.checkpoint_dir elsewhere, delete them, "
-                "or set train.resume=false to start over")
-        path = self.store.local_copy(latest, download=self.local_rank == 0)
+                f"the checkpoints in {self.store.root} were written by {who} "
+                f"({'; '.join(d[:300] for d in diff[:8])}). Point train.checkpoint_dir "
+                "elsewhere, delete them, or set train.resume=false to start over")
+        mine, path = None, None
+        try:
+            path = self.store.local_copy(step, download=self.local_rank == 0)
+        except Exception as e:  # noqa: BLE001 -- a failed download, whatever the client raises
+            mine = f"download: {type(e).__name__}: {e}"
         self._barrier()
-        self.engine.load_checkpoint(path, tag=DS_TAG, load_optimizer_states=True,
-                                    load_lr_scheduler_states=True)
-        with open(os.path.join(path, f"rng-rank-{self.rank:05d}.json")) as f:
-            _set_rng_state(json.load(f))
+        if mine is None and self.local_rank == 0:
+            mine = probe(path)
+        if (problem := self._agree(mine)) is not None:
+            return problem
+        try:
+            loaded, _ = self.engine.load_checkpoint(path, tag=DS_TAG, load_optimizer_states=True,
+                                                    load_lr_scheduler_states=True)
+            if loaded is None:
+                raise FileNotFoundError(f"DeepSpeed found no checkpoint in {path}/{DS_TAG}")
+            with open(os.path.join(path, f"rng-rank-{self.rank:05d}.json")) as f:
+                rng = json.load(f)
+        except Exception as e:  # noqa: BLE001 -- whatever a bad shard makes torch raise
+            mine = f"{type(e).__name__}: {str(e)[:300]}"
+        if (problem := self._agree(mine)) is not None:
+            return problem  # an older checkpoint's load replaces whatever this one left
+        _set_rng_state(rng)
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         self.resumed_metrics = state["metrics"]
         self.best = state.get("best", self.best)
         log.info("rank %d resumed from %s at step %d (epoch %d, micro-batch %d)", self.rank,
-                 self.store.path(latest), self.step, self.epoch, self.position)
-        return latest
+                 self.store.path(step), self.step, self.epoch, self.position)
+        return None
 
     def save(self, metrics: dict[str, float]) -> str:
         """Every rank writes its share; rank 0 publishes the folder once all have."""
@@ -478,12 +567,13 @@ class Trainer:
                 json.dump(state, f, indent=1)
         self._barrier()
         if first_of_node:
+            self.store.sync(step)  # on disk before the marker can say so
             self.store.upload(step)
         self._barrier()
         path = self.store.path(step)
         if self.rank == 0:
             path = self.store.publish(step, {"world_size": self.world})
-            removed = self.store.prune()
+            removed = self.store.prune(current=step)
             log.info("checkpoint %s%s", path, f" (removed {', '.join(removed)})" if removed else "")
         self._barrier()
         return path
@@ -517,25 +607,57 @@ class Trainer:
         dist.all_reduce(total)
         return {f"val/{k}": float(v) / len(batches) for k, v in zip(names, total, strict=True)}
 
-    def _nonfinite(self, keys: torch.Tensor, losses: dict, micro: int) -> None:
-        """Every rank got here together: write the diagnostic (rank 0) and stop everyone."""
-        mine = {"rank": self.rank, "note_ids": self.data.note_ids(keys.tolist()),
-                "loss": {k: _json_float(float(v)) for k, v in losses.items()}}
+    def _diagnose(self, mine: dict, record: dict) -> tuple[str, str]:
+        """Every rank got here together: rank 0 writes the diagnostic of step ``self.step + 1``
+        (``record`` and every rank's ``mine``). Returns where it is and the last complete
+        checkpoint's path (or 'none')."""
         everyone = [None] * self.world
         dist.all_gather_object(everyone, mine)
         last = self.store.latest() if self.rank == 0 else None
         where = self.store.diagnostic(self.step + 1)
         if self.rank == 0:
             storage.write_text(where, json.dumps({
-                "step": self.step + 1, "micro_batch": micro, "epoch": self.epoch,
+                "step": self.step + 1, **record, "epoch": self.epoch,
                 "lr": self.sched.get_last_lr()[0], "ranks": everyone,
                 "last_complete_checkpoint": self.store.path(last) if last is not None else None,
             }, indent=1, default=str))
         last = _broadcast(last)
+        return where, self.store.path(last) if last is not None else "none"
+
+    def _nonfinite(self, keys: torch.Tensor, losses: dict, micro: int) -> None:
+        """Every rank got here together: write the diagnostic (rank 0) and stop everyone."""
+        where, last = self._diagnose(
+            {"rank": self.rank, "note_ids": self.data.note_ids(keys.tolist()),
+             "loss": {k: _json_float(float(v)) for k, v in losses.items()}},
+            {"kind": "loss", "micro_batch": micro})
         raise NonFiniteLoss(
             f"non-finite loss at step {self.step + 1} (micro-batch {micro}); nothing was updated "
-            f"with it. Batch note ids and loss parts: {where}; last complete checkpoint: "
-            f"{self.store.path(last) if last is not None else 'none'}")
+            f"with it. Batch note ids and loss parts: {where}; last complete checkpoint: {last}")
+
+    def _own_grad_norm(self) -> float:
+        """The global 2-norm of the gradients the plain engine is about to apply (already
+        all-reduced over the ranks at the accumulation boundary)."""
+        norms = [torch.linalg.vector_norm(p.grad.detach().float())
+                 for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+    def _check_grad_norm(self, norm: float | None, keys: list[torch.Tensor], what: str) -> None:
+        """Stop every rank when any rank's gradient norm of this step is NaN or inf (a loss
+        scaler's overflow would be no error, but the engine runs in bf16 or fp32: no scaler)."""
+        bad = torch.tensor([0.0 if norm is None or math.isfinite(norm) else 1.0],
+                           device=self.device)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if not bad.item():
+            return
+        step_keys = torch.cat(keys).tolist() if keys else []
+        where, last = self._diagnose(
+            {"rank": self.rank, "note_ids": self.data.note_ids(step_keys),
+             "grad_norm": _json_float(norm) if norm is not None else None},
+            {"kind": "gradient"})
+        raise NonFiniteGradient(
+            f"non-finite gradient norm ({norm}) at step {self.step + 1} with a finite loss; "
+            f"{what}, and no checkpoint was written after it. The step's note ids: {where}; "
+            f"last complete checkpoint: {last}")
 
     def fit(self) -> dict[str, float]:
         t, rank = self.t, self.rank
@@ -548,6 +670,7 @@ class Trainer:
         bar = tqdm(total=self.total, initial=self.step, desc="train", unit="step",
                    disable=not (self.job.progress and rank == 0))
         micro = 0
+        step_keys: list[torch.Tensor] = []  # the micro-batches of the step being accumulated
         while self.step < self.total:
             self.order.set_epoch(self.epoch, self.position)
             t0 = time.perf_counter()
@@ -571,7 +694,20 @@ class Trainer:
                 if not torch.isfinite(stats).all():
                     self._nonfinite(keys, losses, micro % ga)
                 self.engine.backward(losses["loss"])
+                step_keys.append(keys)
+                boundary = (micro + 1) % ga == 0
+                if boundary and self.own_grad_norm:  # checked before anything is updated
+                    self._check_grad_norm(self._own_grad_norm(), step_keys,
+                                          "nothing was updated with it")
                 self.engine.step()
+                if boundary and not self.own_grad_norm:
+                    norm = self.engine.get_global_grad_norm()
+                    self._check_grad_norm(
+                        None if norm is None else float(norm), step_keys,
+                        "DeepSpeed skipped its update" if not self.engine.was_step_applied()
+                        else "its update is in the running weights only, never saved")
+                if boundary:
+                    step_keys = []
                 sums += stats
                 window["tokens"] += float(stats[3])
                 micro += 1
