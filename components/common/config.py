@@ -32,6 +32,29 @@ class DataConfig:
     max_empty_content_share: float = 0.5
     # share of events that name a note present in the notes files
     min_known_event_note_share: float = 0.9
+    # Reading (components/common/readers.py, notes.py). The text encoding of the official CSV
+    # files and events.csv: bytes that do not decode are an error naming file, row, line, field
+    # and byte offset, never silently replaced. Set the file's real encoding to read it (e.g.
+    # "gb18030" for GBK/GB2312 exports, "latin-1"); a non-UTF-8 encoding is reported as a warning.
+    encoding: str = "utf-8"
+    # Images: a picture of more pixels (width x height) is refused as broken before it is decoded
+    # (a decompression bomb: a few KB of PNG can claim 10^10 pixels); 64 M pixels is above any
+    # phone camera up to 48 MP and ~192 MB as RGB. Also Pillow's own limit in every process that
+    # imports components.common.notes (Pillow then refuses above twice it wherever it decodes).
+    max_image_pixels: int = 64_000_000
+    # an image file larger than this is refused as broken without being read whole
+    max_image_bytes: int = 32 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        import codecs
+
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise ValueError(f"data.encoding: unknown text encoding {self.encoding!r} "
+                             "(e.g. utf-8, gb18030, latin-1)") from None
+        if min(self.max_image_pixels, self.max_image_bytes) < 1:
+            raise ValueError("data.max_image_pixels and data.max_image_bytes must be at least 1")
 
 
 @dataclass(frozen=True)

@@ -14,21 +14,36 @@ Official NoteLLM layout (headerless CSV, what the paper's data release ships)::
 Canonical layout (what ``ingest`` writes and every later step reads): the same names with
 ``.parquet`` (or ``.jsonl``) and the columns of :mod:`components.common.schema`; ``pairs_<name>``
 is accepted beside ``note_pairs_<name>``; ``image_uri`` may be relative to the folder.
+
+Refused with a :class:`DataError` naming file, row, field and line (nothing is replaced, guessed
+or picked silently): bytes that are not ``data.encoding`` (default UTF-8; e.g. ``gb18030`` reads
+GBK exports, with a warning); a stray opening quote that swallows later records
+(:func:`_csv_rows`); a field over the CSV reader's limit (131,072 characters, or
+``data.max_content_chars`` when larger); a table given twice (``notes_train.csv`` beside
+``notes_train.parquet``); an empty notes file; a non-finite pair score; and, in the canonical
+layout, an ``image_uri`` with a ``..`` segment, of another scheme, or outside the folder
+(:func:`_resolve`).
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
 import logging
+import math
+import os
 import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from components.common import storage
+from components.common.config import DataConfig
 from components.common.schema import (
     EVENT_COLUMNS,
     EVENT_TYPES,
@@ -68,53 +83,266 @@ def detect_layout(data_uri: str) -> str:
     )
 
 
-def read_dataset(data_uri: str) -> NoteDataset:
-    """Read a data folder in either layout into canonical tables (no validation beyond parsing)."""
+def read_dataset(data_uri: str, cfg: DataConfig | None = None) -> NoteDataset:
+    """Read a data folder in either layout into canonical tables (no validation beyond parsing).
+    ``cfg``: ``data.encoding`` of the CSV files and the CSV field limit
+    (``data.max_content_chars``); the defaults when not given."""
+    cfg = cfg or DataConfig()
     layout = detect_layout(data_uri)
     names = storage.list_files(data_uri)
+    _refuse_given_twice(data_uri, names)
     ds = NoteDataset(notes={}, pairs={}, layout=layout, source=data_uri)
     image_index = _ImageIndex(data_uri) if layout == "official" else None
+    opts = _CsvOptions(cfg)
+    roots = _image_roots(data_uri, names) if layout == "canonical" else []
     for name in names:
         path = storage.join(data_uri, name)
         if m := _NOTES.match(name):
             if m["ext"] == "csv":
-                ds.notes[m["split"]] = _read_official_notes(path, m["split"], image_index, ds)
+                ds.notes[m["split"]] = _read_official_notes(path, m["split"], image_index, ds,
+                                                            opts)
             else:
-                ds.notes[m["split"]] = _read_canonical_notes(path, data_uri)
+                ds.notes[m["split"]] = _read_canonical_notes(path, data_uri, roots)
         elif m := _PAIRS.match(name):
             key = m["name"]
-            if key in ds.pairs:
-                raise DataError(f"{name}: pairs {key!r} given twice (as pairs_ and note_pairs_)")
             if m["ext"] == "csv":
-                ds.pairs[key] = _read_official_pairs(path)
+                ds.pairs[key] = _read_official_pairs(path, opts)
             else:
                 ds.pairs[key] = _read_canonical_pairs(path)
         elif m := _EVENTS.match(name):
-            ds.events = _read_events(path, m["ext"])
+            ds.events = _read_events(path, m["ext"], opts)
+    if opts.used:
+        ds.warnings.append(f"{', '.join(opts.used)}: read as {opts.encoding} (data.encoding="
+                           f"{cfg.encoding}), not UTF-8")
     return ds
+
+
+def _refuse_given_twice(data_uri: str, names: list[str]) -> None:
+    """One table, one file: notes_train.csv beside notes_train.parquet (or pairs_x beside
+    note_pairs_x, events.csv beside events.parquet) would leave the choice to the listing order."""
+    tables: dict[tuple[str, str], list[str]] = {}
+    for name in names:
+        if m := _NOTES.match(name):
+            tables.setdefault(("notes", m["split"]), []).append(name)
+        elif m := _PAIRS.match(name):
+            tables.setdefault(("pairs", m["name"]), []).append(name)
+        elif _EVENTS.match(name):
+            tables.setdefault(("events", ""), []).append(name)
+    for (kind, key), files in tables.items():
+        if len(files) > 1:
+            what = f"{kind} {key!r}" if key else kind
+            raise DataError(f"{data_uri}: {what} given twice, as {' and '.join(files)}: keep "
+                            "one of them (the reader would otherwise pick one silently)")
 
 
 # -- official CSV ------------------------------------------------------------------------------
 
 
-def _csv_rows(path: str):
-    """Yield (row_number, line_number, fields) for the non-blank records of a headerless CSV."""
-    text = storage.read_bytes(path).decode("utf-8-sig", errors="replace")
-    reader = csv.reader(io.StringIO(text, newline=""))
-    row = 0
-    for fields in reader:
-        if not fields or all(not f.strip() for f in fields):
-            continue
-        row += 1
-        if row == 1 and fields[0].strip().lower() in _HEADER_WORDS:
-            continue  # a header line some exports add; the official files have none
-        yield row, reader.line_num, fields
+# csv's own default; raised to data.max_content_chars when that is larger
+_CSV_FIELD_LIMIT = 131_072
+_ID = re.compile(r"^[0-9A-Za-z_\-.:]{1,128}$")
+_CATEGORY = re.compile(r"^(?:[^@\n]+@)*$")
+_NEWLINE = re.compile(r"\r\n|\r|\n")
 
 
-def _read_official_notes(path: str, split: str, images: _ImageIndex, ds: NoteDataset):
+class _CsvOptions:
+    """How the CSV files of one folder are decoded and parsed."""
+
+    def __init__(self, cfg: DataConfig):
+        self.encoding = cfg.encoding
+        codec = codecs.lookup(cfg.encoding).name
+        self.utf8 = codec == "utf-8"
+        self.field_limit = max(_CSV_FIELD_LIMIT, cfg.max_title_chars, cfg.max_content_chars)
+        self.used: list[str] = []  # files read with a non-UTF-8 encoding
+
+
+def _decode(data: bytes, file: str, names: list[str], opts: _CsvOptions, header: bool) -> str:
+    """The text of a CSV file. Undecodable bytes are an error naming the row (as the reader
+    counts rows; ``header``: the first line is a header, not a row), line, field and byte
+    offset: nothing is replaced."""
+    skip = 3 if opts.utf8 and data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        text = data[skip:].decode("utf-8" if opts.utf8 else opts.encoding)
+    except UnicodeDecodeError as e:
+        start = e.start + skip
+        row, fld = _locate(data[skip:e.start + skip], opts, names, header)
+        line = data.count(b"\n", 0, start) + 1
+        bad = data[start:max(e.end + skip, start + 1)][:8]
+        hint = ("convert the file to UTF-8, or set data.encoding to its encoding (e.g. "
+                "data.encoding=gb18030 for GBK/GB2312 exports, data.encoding=latin-1)"
+                if opts.utf8 else "check data.encoding")
+        raise DataError(f"{where(file, row, fld)} (line {line}, byte {start}): bytes {bad!r} "
+                        f"are not valid {opts.encoding} ({e.reason}); {hint}") from None
+    if not opts.utf8:
+        opts.used.append(file)
+    return text
+
+
+def _locate(prefix: bytes, opts: _CsvOptions, names: list[str], header: bool
+            ) -> tuple[int | None, str | None]:
+    """(row, field name) of the first byte after ``prefix`` (the valid part of a file)."""
+    mark = "\uffff"
+    text = prefix.decode("utf-8" if opts.utf8 else opts.encoding, errors="replace") + mark
+    try:
+        with _field_limit(max(opts.field_limit, len(text) + 1)):
+            row = 0
+            for fields in csv.reader(io.StringIO(text, newline="")):
+                if fields and any(f.strip() for f in fields):
+                    row += 1
+                for i, f in enumerate(fields):
+                    if mark in f:
+                        name = names[i] if i < len(names) else names[-1]
+                        return (row - 1 if header else row) or None, name
+    except csv.Error:
+        pass
+    return None, None
+
+
+@contextmanager
+def _field_limit(limit: int) -> Iterator[None]:
+    old = csv.field_size_limit(limit)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(old)
+
+
+def _nl(text: str) -> int:
+    return len(_NEWLINE.findall(text))
+
+
+def _csv_rows(path: str, names: list[str], opts: _CsvOptions,
+              swallowed: Callable[[list[str]], bool], min_commas: int):
+    """Yield (row_number, line_number, fields) for the non-blank records of a headerless CSV;
+    ``line_number`` is the line the record starts on.
+
+    A stray opening quote makes the csv module read on, across line ends, to the next quote
+    anywhere in the file, so later records vanish into one field (and the fields after it shift:
+    a note may take another's image). Multi-line quoted text is legitimate in the official data,
+    so a line break alone is no evidence; a quoted field is refused when
+
+    * it is still open at the end of the file (no closing quote at all), or
+    * one of its lines after the first is, on its own, a whole record of this file
+      (``swallowed``, tried on lines of at least ``min_commas`` commas: for notes five or more
+      fields, an id-like first field and a category or a known image last, see
+      :func:`_note_record`; for pairs any line, ids never span lines), or
+    * the quote closes on a later line with more text after it (``"...x``: no CSV writer
+      writes that; it is the opening quote of a later field that closed the stray one).
+
+    The error names the row, the field and the line where the quote opened."""
     file = storage.basename(path)
+    text = _decode(storage.read_bytes(path), file, names, opts, header=False)
+    stream = io.StringIO(text, newline="")
+    reader = csv.reader(stream)
+    row, end, pos = 0, 0, 0
+    with _field_limit(opts.field_limit):
+        while True:
+            start = end + 1
+            try:
+                fields = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:
+                raise DataError(_csv_error(file, row + 1, start, e, opts)) from None
+            end, begin, pos = reader.line_num, pos, stream.tell()
+            if not fields or all(not f.strip() for f in fields):
+                continue
+            row += 1
+            if row == 1 and fields[0].strip().lower() in _HEADER_WORDS:
+                continue  # a header line some exports add; the official files have none
+            if end > start or pos >= len(text):
+                _check_quotes(file, row, start, fields, names, swallowed, min_commas,
+                              text[begin:pos])
+            yield row, start, fields
+
+
+def _csv_error(file: str, row: int, start: int, e: csv.Error, opts: _CsvOptions) -> str:
+    text = f"{where(file, row)} (record from line {start}): cannot be parsed as CSV: {e}"
+    if "field larger than field limit" in str(e):
+        text = (f"{where(file, row)} (record from line {start}): a field longer than "
+                f"{opts.field_limit} characters, the CSV reader's limit (the larger of "
+                f"{_CSV_FIELD_LIMIT} and data.max_content_chars); a note text that long is "
+                "refused anyway. A quote opened in this record and never closed reads the rest "
+                "of the file into one field the same way")
+    return text
+
+
+def _check_quotes(file: str, row: int, start: int, fields: list[str], names: list[str],
+                  swallowed: Callable[[list[str]], bool], min_commas: int, raw: str) -> None:
+    problem, fail_line = _strict_problem(raw, start)
+    last_field = len(fields) - 1
+    first = start
+    for i, value in enumerate(fields):
+        multi = "\n" in value or "\r" in value
+        if not multi and not (problem == "end" and i == last_field):
+            continue
+        parts = _NEWLINE.split(value) if multi else [value]
+        last = first + len(parts) - 1
+        name = names[i] if i < len(names) else names[-1]
+        here = f"{where(file, row, name)} (line {first}): a quote opened in this field"
+        fix = "Remove the stray '\"' (a quote inside a field is written \"\")"
+        for k, part in enumerate(parts[1:], start=1):
+            if (part.count(",") >= min_commas and part.strip()
+                    and swallowed(next(csv.reader([part]), []))):
+                raise DataError(
+                    f"{here} is not closed on its line: line {first + k} ({part[:80]!r}), a "
+                    "whole record of its own, and everything up to the next quote in the file "
+                    f"were read into this field. {fix}")
+        if problem == "end" and i == last_field:
+            raise DataError(f"{here} is never closed: the rest of the file was read into it. "
+                            f"{fix}")
+        if problem == "text" and first < fail_line <= last:
+            raise DataError(
+                f"{here} is not closed on its line: it runs to the next quote in the file, on "
+                f"line {fail_line} ({parts[fail_line - first][:80]!r}), where more text follows "
+                f"it; the records in between were read into this field. {fix}")
+        first = last
+
+
+def _strict_problem(raw: str, start: int) -> tuple[str, int]:
+    """How the record's text breaks the strict CSV rules: ``("end", line)`` when it ends inside
+    a quoted field, ``("text", line)`` when text follows a closing quote, ``("", 0)`` else.
+    (Run inside :func:`_csv_rows`'s field limit, which the record already met.)"""
+    reader = csv.reader(io.StringIO(raw, newline=""), strict=True)
+    try:
+        for _ in reader:
+            pass
+    except csv.Error as e:
+        line = start + reader.line_num - 1
+        if "unexpected end of data" in str(e):
+            return "end", line
+        if "expected after" in str(e):
+            return "text", line
+    return "", 0
+
+
+def _note_record(images: _ImageIndex, split: str) -> Callable[[list[str]], bool]:
+    """Whether a line of a notes field is a whole notes record: five or more fields, an id-like
+    first one, a category (``L1@L2@``) last or, where that is empty, an image the folder has."""
+
+    def test(fields: list[str]) -> bool:
+        if len(fields) < len(OFFICIAL_NOTE_FIELDS) or not _ID.match(fields[0].strip()):
+            return False
+        category, imgid = fields[-1].strip(), fields[-2].strip()
+        if not _CATEGORY.match(category):
+            return False
+        return bool(category) or bool(imgid and images.find(imgid, split))
+
+    return test
+
+
+def _pair_record(fields: list[str]) -> bool:
+    return True  # an id never spans lines: any line break in a pairs field is a stray quote
+
+
+def _read_official_notes(path: str, split: str, images: _ImageIndex, ds: NoteDataset,
+                         opts: _CsvOptions | None = None):
+    file = storage.basename(path)
+    opts = opts or _CsvOptions(DataConfig())
     records, merged = [], 0
-    for row, line, fields in _csv_rows(path):
+    for row, line, fields in _csv_rows(path, OFFICIAL_NOTE_FIELDS, opts,
+                                       _note_record(images, split),
+                                       len(OFFICIAL_NOTE_FIELDS) - 1):
         if len(fields) < len(OFFICIAL_NOTE_FIELDS):
             missing = OFFICIAL_NOTE_FIELDS[len(fields):]
             raise DataError(
@@ -136,16 +364,20 @@ def _read_official_notes(path: str, split: str, images: _ImageIndex, ds: NoteDat
             "image_uri": images.find(imgid, split) if imgid else "",
             "imgid": imgid, "category": category, "_file": file, "_row": row,
         })
+    if not records:
+        raise DataError(f"{file}: no notes (the file is empty or holds only a header); remove "
+                        "it or fill it")
     if merged:
         ds.warnings.append(f"{file}: {merged} row(s) had more than 5 fields (unquoted commas); "
                            "the extra fields were joined into 'content'")
     return _frame(records, NOTE_COLUMNS + ["imgid"])
 
 
-def _read_official_pairs(path: str) -> pd.DataFrame:
+def _read_official_pairs(path: str, opts: _CsvOptions) -> pd.DataFrame:
     file = storage.basename(path)
     records = []
-    for row, line, fields in _csv_rows(path):
+    for row, line, fields in _csv_rows(path, OFFICIAL_PAIR_FIELDS + ["score"], opts,
+                                       _pair_record, 0):
         if len(fields) < 2:
             raise DataError(f"{where(file, row, 'noteid2')} (line {line}): expected 2 fields "
                             f"({','.join(OFFICIAL_PAIR_FIELDS)}), got {len(fields)}")
@@ -159,6 +391,9 @@ def _read_official_pairs(path: str) -> pd.DataFrame:
                 score = float(fields[2])
             except ValueError:
                 raise DataError(f"{where(file, row, 'score')}: not a number: {fields[2]!r}") from None
+            if not math.isfinite(score):
+                raise DataError(f"{where(file, row, 'score')} (line {line}): not a finite number:"
+                                f" {fields[2]!r}")
         records.append({"query_id": a, "target_id": b, "score": score, "_file": file, "_row": row})
     return _frame(records, PAIR_COLUMNS)
 
@@ -213,7 +448,7 @@ def _require(df: pd.DataFrame, file: str, columns: list[str]) -> None:
                         f"(every row); the file has {', '.join(map(str, df.columns)) or 'none'}")
 
 
-def _read_canonical_notes(path: str, data_uri: str) -> pd.DataFrame:
+def _read_canonical_notes(path: str, data_uri: str, roots: list[str]) -> pd.DataFrame:
     file = storage.basename(path)
     df = read_table(path)
     _require(df, file, ["note_id", "title", "content", "image_uri"])
@@ -234,9 +469,10 @@ def _read_canonical_notes(path: str, data_uri: str) -> pd.DataFrame:
         contents.append(stripped)
         topics.append(listed + [t for t in inline if t not in listed])
     df["content"], df["topics"] = contents, topics
-    df["image_uri"] = [_resolve(u, data_uri) for u in df["image_uri"]]
     if "_file" not in df.columns:
         df["_file"], df["_row"] = file, range(1, len(df) + 1)
+    df["image_uri"] = [_resolve(u, data_uri, roots, f, int(r))
+                       for u, f, r in zip(df["image_uri"], df["_file"], df["_row"], strict=True)]
     return df[NOTE_COLUMNS + PROVENANCE].reset_index(drop=True)
 
 
@@ -248,11 +484,62 @@ def _as_list(value) -> list[str]:
     return [str(t) for t in value]
 
 
-def _resolve(uri: str, data_uri: str) -> str:
+# a URI of some scheme ("http://", "s3://", "file:/", "data:"), not a relative path
+_SCHEME = re.compile(r"^(?:[a-z][a-z0-9+.\-]*://|(?:file|data|https?|ftp|s3|gs):)", re.I)
+
+
+def _image_roots(data_uri: str, names: list[str]) -> list[str]:
+    """Where a canonical folder's images may live: the folder itself and, for a folder that
+    ``ingest`` wrote (its ``manifest.json`` names the ``source`` folder it was read from, whose
+    images its absolute ``image_uri`` point into), that source folder. A source that is a
+    filesystem or bucket root is not a folder of images and is ignored."""
+    roots = [data_uri]
+    if "manifest.json" in names:
+        try:
+            source = json.loads(storage.read_text(storage.join(data_uri, "manifest.json"))
+                                ).get("source")
+        except (OSError, ValueError, AttributeError):
+            source = None
+        if isinstance(source, str) and source.strip() and ".." not in re.split(r"[/\\]", source):
+            source = source.strip()
+            deep = (storage.is_gcs(source) and "/" in source[len("gs://"):].strip("/")) or (
+                not storage.is_gcs(source) and os.path.dirname(_local(source)) != _local(source))
+            if deep:
+                roots.append(source)
+    return roots
+
+
+def _local(path: str) -> str:
+    return os.path.normpath(os.path.abspath(path))
+
+
+def _under(uri: str, root: str) -> bool:
+    if storage.is_gcs(root):
+        return storage.is_gcs(uri) and uri.startswith(root.rstrip("/") + "/")
+    if storage.is_gcs(uri):
+        return False
+    return _local(uri).startswith(_local(root).rstrip(os.sep) + os.sep)
+
+
+def _resolve(uri: str, data_uri: str, roots: list[str], file: str, row: int) -> str:
+    """The image path of a canonical row: relative to the folder, or absolute / ``gs://`` under
+    one of ``roots`` (:func:`_image_roots`). A ``..`` segment, another scheme (``http:``,
+    ``file:``, ``s3:``) or a path elsewhere is refused: a data folder names its own images, not
+    files of the machine or the network the pipeline runs on."""
     uri = uri.strip()
-    if not uri or storage.is_gcs(uri) or uri.startswith("/"):
+    if not uri:
         return uri
-    return storage.join(data_uri, uri)
+    here = where(file, row, "image_uri")
+    if ".." in re.split(r"[/\\]", uri):
+        raise DataError(f"{here}: {uri!r} has a '..' segment; an image path must stay inside "
+                        "the data folder")
+    absolute = storage.is_gcs(uri) or uri.startswith("/") or bool(_SCHEME.match(uri))
+    if not absolute:
+        return storage.join(data_uri, uri)
+    if (storage.is_gcs(uri) or uri.startswith("/")) and any(_under(uri, r) for r in roots):
+        return uri
+    raise DataError(f"{here}: {uri!r} is outside the data folder {data_uri}; an image_uri is "
+                    "relative to the folder, or an absolute path or gs:// URI under it")
 
 
 def _read_canonical_pairs(path: str) -> pd.DataFrame:
@@ -271,10 +558,15 @@ def _read_canonical_pairs(path: str) -> pd.DataFrame:
     return df[PAIR_COLUMNS + PROVENANCE].reset_index(drop=True)
 
 
-def _read_events(path: str, ext: str) -> pd.DataFrame:
+def _read_events(path: str, ext: str, opts: _CsvOptions | None = None) -> pd.DataFrame:
     file = storage.basename(path)
+    opts = opts or _CsvOptions(DataConfig())
     if ext == "csv":
-        df = pd.read_csv(io.BytesIO(storage.read_bytes(path)), dtype=str, keep_default_na=False)
+        text = _decode(storage.read_bytes(path), file, EVENT_COLUMNS, opts, header=True)
+        try:
+            df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+        except ValueError as e:
+            raise DataError(f"{file}: cannot be parsed as CSV: {e}") from None
     else:
         df = read_table(path)
     _require(df, file, EVENT_COLUMNS)

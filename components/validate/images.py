@@ -6,15 +6,13 @@ so broken images appear in the GX result and the Data Docs like any other failin
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
-from PIL import Image
 from tqdm.auto import tqdm
 
-from components.common import storage
+from components.common.notes import BrokenImage, open_image, read_image_bytes
 
 # magic numbers of the formats we accept, checked before Pillow sees the bytes
 _MAGIC: list[tuple[str, Callable[[bytes], bool]]] = [
@@ -33,9 +31,13 @@ def sniff(data: bytes) -> str | None:
 
 
 def check_image(uri: str) -> tuple[str | None, tuple[int, int] | None, str | None]:
-    """(problem, size, mode) for one image file."""
+    """(problem, size, mode) for one image file. Refused without decoding: a file larger than
+    ``data.max_image_bytes``, a picture of more than ``data.max_image_pixels`` pixels (see
+    :func:`components.common.notes.configure_images`)."""
     try:
-        data = storage.read_bytes(uri)
+        data = read_image_bytes(uri)
+    except BrokenImage as e:
+        return str(e), None, None
     except (OSError, ValueError) as e:
         return f"cannot be read ({e.__class__.__name__}: {e})", None, None
     if not data:
@@ -43,9 +45,11 @@ def check_image(uri: str) -> tuple[str | None, tuple[int, int] | None, str | Non
     if sniff(data) is None:
         return f"not an image (starts with {data[:8]!r})", None, None
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with open_image(data) as im:
             im.load()  # a full decode: catches truncated files
             return None, im.size, im.mode
+    except BrokenImage as e:
+        return str(e), None, None
     except Exception as e:  # noqa: BLE001 - Pillow raises many kinds for corrupt data
         return f"cannot be decoded ({e.__class__.__name__}: {e})", None, None
 
