@@ -39,8 +39,8 @@ class DataConfig:
     encoding: str = "utf-8"
     # Images: a picture of more pixels (width x height) is refused as broken before it is decoded
     # (a decompression bomb: a few KB of PNG can claim 10^10 pixels); 64 M pixels is above any
-    # phone camera up to 48 MP and ~192 MB as RGB. Also Pillow's own limit in every process that
-    # imports components.common.notes (Pillow then refuses above twice it wherever it decodes).
+    # phone camera up to 48 MP and ~192 MB as RGB. Also Pillow's own limit (its bomb warning made
+    # an error) in every process that imports components.common.notes, wherever it decodes.
     max_image_pixels: int = 64_000_000
     # an image file larger than this is refused as broken without being read whole
     max_image_bytes: int = 32 * 1024 * 1024
