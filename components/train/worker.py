@@ -11,6 +11,7 @@ to MLflow and writes the exported model; every rank writes its share of each che
 from __future__ import annotations
 
 import base64
+import datetime
 import hashlib
 import json
 import logging
@@ -34,6 +35,7 @@ from tqdm.auto import tqdm
 from components.common import storage, tracking
 from components.common.config import RunConfig
 from components.common.notes import LazyNotes
+from components.train import lease
 from components.train.checkpoint import (
     DS_TAG,
     STATE,
@@ -69,7 +71,7 @@ OPERATIONAL = {"nproc", "threads_per_proc", "checkpoint_every", "keep_checkpoint
                "checkpoint_dir", "resume", "log_every", "val_every", "num_workers",
                "pixel_cache_mb", "launcher", "num_nodes", "gpus_per_node", "cpu_per_node",
                "memory_per_node", "trainjob_runtime", "trainjob_namespace", "trainjob_image",
-               "trainjob_timeout_s"}
+               "trainjob_timeout_s", "pg_timeout_s", "lease_ttl_s"}
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -245,8 +247,10 @@ def _import_deepspeed(on_gpu: bool):
     return deepspeed
 
 
-def ensure_process_group(on_gpu: bool) -> None:
-    """The default process group: torchrun's (``env://``), or a one-process group of our own.
+def ensure_process_group(on_gpu: bool, timeout_s: float | None = None) -> None:
+    """The default process group: torchrun's (``env://``), or a one-process group of our own;
+    ``timeout_s`` (``train.pg_timeout_s``) bounds every collective, sized so that rank 0
+    uploading a checkpoint while the others wait at the barrier is no timeout.
 
     A one-process group stays for the life of the process: DeepSpeed caches group handles in
     module globals (``deepspeed.utils.groups``), so a group destroyed and created again would
@@ -255,6 +259,8 @@ def ensure_process_group(on_gpu: bool) -> None:
         return
     kw = ({"backend": "nccl", "device_id": torch.device("cuda", torch.cuda.current_device())}
           if on_gpu else {"backend": "gloo"})
+    if timeout_s:
+        kw["timeout"] = datetime.timedelta(seconds=timeout_s)
     if "MASTER_ADDR" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group(**kw)
     else:
@@ -470,6 +476,7 @@ class Trainer:
             if t.resume:
                 steps = self.store.complete_steps()
             else:
+                lease.verify(self.store.root, os.environ.get(lease.OWNER_ENV, ""))
                 self.store.clear()
         steps = _broadcast(steps)
         failed = []
@@ -572,6 +579,7 @@ class Trainer:
         self._barrier()
         path = self.store.path(step)
         if self.rank == 0:
+            lease.verify(self.store.root, os.environ.get(lease.OWNER_ENV, ""))
             path = self.store.publish(step, {"world_size": self.world})
             removed = self.store.prune(current=step)
             log.info("checkpoint %s%s", path, f" (removed {', '.join(removed)})" if removed else "")
@@ -874,7 +882,7 @@ def train(job: Job) -> dict[str, float]:
     on_gpu = torch.cuda.is_available()
     if on_gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    ensure_process_group(on_gpu)
+    ensure_process_group(on_gpu, config_from_dict(job.config).train.pg_timeout_s)
     trainer = Trainer(job)
     rank = trainer.rank
     track = (tracking.step_run(job.tracking_uri, job.run_id, "train") if rank == 0

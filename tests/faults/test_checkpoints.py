@@ -211,3 +211,17 @@ def test_every_file_and_folder_is_on_disk_before_the_marker(first):
     assert {staging, os.path.join(staging, "ds"), root} <= set(before)
     assert before.index(root) > max(before.index(os.path.join(staging, f)) for f in files)
     assert final in after[:2]
+
+
+def test_a_job_whose_lease_another_job_holds_never_publishes_a_checkpoint(work, tmp_path,
+                                                                          monkeypatch):
+    """A TrainJob left running by a killed task (its lease taken over by the retry's job)
+    stops at its next checkpoint instead of writing over the new job's."""
+    from components.train import lease
+
+    ckpt = str(tmp_path / "ckpt")
+    lease.Lease(ckpt, "ns/the-retry", ttl_s=600).acquire()
+    monkeypatch.setenv(lease.OWNER_ENV, "ns/the-killed-task")
+    with pytest.raises(lease.LeaseLost, match="the-retry"):
+        _run(work, str(tmp_path / "model"), [f"train.checkpoint_dir={ckpt}"])
+    assert not [d for d in os.listdir(ckpt) if d.startswith("step")]
