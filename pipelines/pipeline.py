@@ -36,13 +36,16 @@ def _gpus(task: PipelineTask, accelerator_type, gpus) -> PipelineTask:
 
 
 def _platform(task: PipelineTask, *, node_selector=None, tolerations=None,
-              shm_size: str = "") -> PipelineTask:
-    """kfp-kubernetes settings: credentials for every task; placement and an in-memory
-    /dev/shm where asked."""
-    kubernetes.use_secret_as_env(task, MLFLOW_SECRET, {
-        "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
-        "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"}, optional=True)
-    kubernetes.use_secret_as_volume(task, GCS_SECRET, GCS_KEY_DIR, optional=True)
+              shm_size: str = "", mlflow: bool = True, gcs: bool = True) -> PipelineTask:
+    """kfp-kubernetes settings: the MLflow and GCS credentials to the tasks that use them
+    (``mlflow``/``gcs`` False: a task that never talks to that service gets no credentials);
+    placement and an in-memory /dev/shm where asked."""
+    if mlflow:
+        kubernetes.use_secret_as_env(task, MLFLOW_SECRET, {
+            "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
+            "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"}, optional=True)
+    if gcs:
+        kubernetes.use_secret_as_volume(task, GCS_SECRET, GCS_KEY_DIR, optional=True)
     if node_selector is not None:
         kubernetes.add_node_selector_json(task, node_selector)
     if tolerations is not None:
@@ -127,7 +130,8 @@ def make_pipeline(*, resources: bool = True, kubernetes_settings: bool = False):
                 part = embed(canonical=data, model=tr.outputs["model"], shard_index=shard, **common)
                 part.set_display_name("embed shard")
                 gpus(part, accelerator_type, embed_gpus)
-                place(part, node_selector=node_selector, tolerations=tolerations, shm_size="4Gi")
+                place(part, node_selector=node_selector, tolerations=tolerations, shm_size="4Gi",
+                      mlflow=False)
             emb = merge_embeddings(shards=dsl.Collected(part.outputs["embeddings"]), **tracked)
             emb.set_display_name("merge embeddings")
             idx = index(embeddings=emb.outputs["embeddings"], **common, **tracked)
@@ -143,7 +147,8 @@ def make_pipeline(*, resources: bool = True, kubernetes_settings: bool = False):
                 prom = promote(decision=reg.outputs["decision"], **common, **tracked)
                 prom.set_display_name("promote to champion").set_caching_options(False)
                 place(prom)
-            for task in (ing, mine, val, plan, emb, idx, ev, reg):
+            place(plan, mlflow=False, gcs=False)  # computes a shard count from the config
+            for task in (ing, mine, val, emb, idx, ev, reg):
                 place(task)
 
 

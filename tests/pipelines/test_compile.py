@@ -81,7 +81,13 @@ def test_compile_with_kubernetes_settings(tmp_path):
     assert train["tolerations"][0]["tolerationJson"]["componentInputParameter"].endswith(
         "tolerations")
     for name, ex in execs.items():  # credentials come from optional Secrets, never inline
-        assert ex["secretAsEnv"][0]["optional"] and ex["secretAsVolume"][0]["optional"], name
+        assert all(s["optional"] for s in ex.get("secretAsEnv", []) + ex.get(
+            "secretAsVolume", [])), name
+    # least privilege: MLflow credentials only where a task talks to MLflow
+    assert not execs["exec-embed"].get("secretAsEnv") and execs["exec-embed"]["secretAsVolume"]
+    assert "exec-shard-plan" not in execs  # no credentials, no placement: nothing at all
+    for name in ("exec-register", "exec-promote", "exec-train", "exec-ingest"):
+        assert execs[name]["secretAsEnv"][0]["secretName"] == "notellm2-mlflow", name
     # GPU requests are IR: the train task's limit follows the train_gpus parameter
     res = spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
     assert "accelerator" in res
