@@ -107,11 +107,12 @@ def make_pipeline(*, resources: bool = True, kubernetes_settings: bool = False):
         # KFP takes no pipeline outputs from inside an ExitHandler: results are the tasks'
         # artifacts (pipelines/local.py finds them under the pipeline root)
         with dsl.ExitHandler(fin, name="tracked steps"):
+            common = {"preset": preset, "overrides": overrides}
             ing = ingest(data_uri=data_uri, mlflow_tracking_uri=mlflow_tracking_uri,
                          mlflow_experiment=mlflow_experiment, run_name=run_name,
-                         kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, image=component_image())
+                         kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, image=component_image(),
+                         **common)
             ing.set_display_name("ingest").set_caching_options(False)
-            common = {"preset": preset, "overrides": overrides}
             tracked = {"mlflow_tracking_uri": mlflow_tracking_uri, "mlflow_run_id": ing.outputs["Output"]}
             mine = mine_pairs(canonical=ing.outputs["canonical"], **common, **tracked)
             mine.set_display_name("mine pairs").set_caching_options(False)

@@ -20,7 +20,7 @@ import pyarrow as pa
 from components.common import storage
 from components.common.canonical import load_canonical
 from components.common.config import RunConfig
-from components.common.notes import LazyNotes
+from components.common.notes import LazyNotes, configure_images
 from model import NoteLLM2, encode
 from model.collator import PROBES
 
@@ -85,6 +85,7 @@ def _write(out_dir: str, table: pd.DataFrame, vecs: np.ndarray,
 def run(canonical_dir: str, model_dir: str, out_dir: str, cfg: RunConfig, *,
         probes: bool = True, progress: bool = True, shard_index: int = 0,
         num_shards: int = 1) -> dict[str, float]:
+    configure_images(cfg.data)
     notes, _, _ = load_canonical(canonical_dir)
     with storage.local_copy(model_dir) as local:
         model = NoteLLM2.from_pretrained(local)

@@ -18,11 +18,13 @@ def evaluate(canonical: Input[Dataset], embeddings: Input[Dataset], model: Input
 
     from components.common import logs, tracking
     from components.common.config import resolve
+    from components.common.notes import configure_images
     from components.evaluate.compare import find_champion
     from components.evaluate.run import run
 
     logs.setup()
     cfg = resolve(preset, overrides)
+    configure_images(cfg.data)
     with tracking.step_run(mlflow_tracking_uri, mlflow_run_id, "evaluate"):
         champion = find_champion(tracking.tracking_uri(mlflow_tracking_uri),
                                  cfg.register.model_name)

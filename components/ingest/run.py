@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 from components.common import tracking
+from components.common.config import DataConfig
 from components.common.readers import read_dataset, write_canonical
 from components.common.schema import DataError
 
@@ -13,8 +14,9 @@ log = logging.getLogger(__name__)
 
 
 def run(data_uri: str, out_dir: str, *, tracking_uri: str = "", experiment: str = "notellm2",
-        run_name: str = "", tags: dict[str, str] | None = None) -> tuple[dict, str]:
-    """Returns (manifest, mlflow_run_id)."""
+        run_name: str = "", tags: dict[str, str] | None = None,
+        cfg: DataConfig | None = None) -> tuple[dict, str]:
+    """Returns (manifest, mlflow_run_id). ``cfg``: ``data.encoding`` and the CSV limits."""
     import mlflow
 
     if not data_uri.strip():
@@ -24,7 +26,7 @@ def run(data_uri: str, out_dir: str, *, tracking_uri: str = "", experiment: str 
                                  {"data_uri": data_uri, **(tags or {})})
     # the step's run spans the reading, so a refused data folder shows as a FAILED ingest run
     with tracking.step_run(tracking_uri, run_id, "ingest"):
-        ds = read_dataset(data_uri)
+        ds = read_dataset(data_uri, cfg)
         for w in ds.warnings:
             log.warning(w)
         manifest = write_canonical(ds, out_dir)

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from components.common import storage, tracking
 from components.common.config import RunConfig
-from components.common.notes import LazyNotes
+from components.common.notes import LazyNotes, configure_images
 from components.train import lease
 from components.train.checkpoint import (
     DS_TAG,
@@ -346,6 +346,7 @@ class Trainer:
     def __init__(self, job: Job):
         self.job = job
         self.cfg = cfg = config_from_dict(job.config)
+        configure_images(cfg.data)
         self.t = t = cfg.train
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -24,6 +24,7 @@ import pandas as pd
 from components.common import storage
 from components.common.canonical import derive_canonical, evaluation_errors, load_canonical
 from components.common.config import DataConfig
+from components.common.notes import configure_images
 from components.common.readers import read_table, write_table
 from components.common.schema import DataError, where
 from components.validate import docs, engine
@@ -76,6 +77,7 @@ class Report:
 def run(canonical_dir: str, out_dir: str, cfg: DataConfig, validated_dir: str = "") -> Report:
     """Validate the canonical folder; on success and with ``validated_dir``, write there the
     folder the later steps use: the same data without the dropped notes and their pairs."""
+    configure_images(cfg)
     notes, pairs, manifest = load_canonical(canonical_dir)
     events = (read_table(storage.join(canonical_dir, "events.parquet"))
               if manifest.get("events") is not None else None)
