@@ -23,8 +23,10 @@ import warnings
 from dataclasses import dataclass
 
 from components.common import storage
+from components.common.canonical import evaluation_errors
 from components.common.config import resolve
-from components.common.readers import detect_layout
+from components.common.readers import read_dataset
+from components.common.schema import DataError
 from components.common.tracking import ENV as TRACKING_ENV
 
 log = logging.getLogger(__name__)
@@ -63,12 +65,22 @@ def _prepare_store(uri: str, work: str, experiment: str) -> None:
                                  "file://" + os.path.join(work, "mlartifacts"))
 
 
+def preflight(data: str, cfg) -> None:
+    """Read the data folder here, as ``ingest`` will, before any task starts: a file that does
+    not parse (encoding, quotes, field counts, limits, paths) is refused in a second, with file,
+    row and field, instead of after the pipeline has spun up. The checks that need the whole
+    data set (the validation suites, images, leaks after pair mining) stay in the pipeline."""
+    ds = read_dataset(data, cfg.data)
+    if problems := evaluation_errors(ds.notes, {}):  # pairs: mining may still replace them
+        raise DataError(f"{data}: " + "; ".join(problems))
+
+
 def run_local(data: str, work: str, *, preset: str = "tiny", overrides: tuple[str, ...] = (),
               experiment: str = "notellm2", run_name: str = "") -> LocalResult:
     """Run the whole pipeline; raise :class:`PipelineFailed` naming the task that failed."""
-    resolve(preset, list(overrides))  # fail on a bad key before anything starts
+    cfg = resolve(preset, list(overrides))  # fail on a bad key before anything starts
     data = data if storage.is_gcs(data) else os.path.abspath(data)
-    detect_layout(data)
+    preflight(data, cfg)
     work = os.path.abspath(work)
     os.makedirs(work, exist_ok=True)
     for name in RESULTS:  # results of an earlier run must not pass for this run's

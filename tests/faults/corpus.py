@@ -223,24 +223,37 @@ def events_inf_ts(root: str) -> None:
     _events(root, f"u9,{_first_id(root)},view,inf")
 
 
-def bomb_image(root: str) -> None:
+def bomb_image(root: str, row: int = 1) -> None:
     """A first training image replaced by a 10000 x 8000 PNG (80 M pixels, ~100 KB on disk):
     under Pillow's default limit (89 M), over data.max_image_pixels (64 M)."""
-    with open(image_of(root), "wb") as f:
+    with open(image_of(root, row=row), "wb") as f:
         f.write(bomb_png(10_000, 8_000))
 
 
-def oversize_image(root: str) -> None:
+def oversize_image(root: str, row: int = 1) -> None:
     """A first training image padded to 33 MiB (a sparse file): over data.max_image_bytes."""
-    with open(image_of(root), "r+b") as f:
+    with open(image_of(root, row=row), "r+b") as f:
         f.truncate(33 * 1024 * 1024)
 
 
-def truncated_image(root: str) -> None:
+def truncated_image(root: str, row: int = 1) -> None:
     """The first training image cut to half its bytes."""
-    path = image_of(root)
+    path = image_of(root, row=row)
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)
+
+
+def no_test_notes(root: str) -> None:
+    """No notes_test.csv (nor its images): the test pairs could only be ranked among training
+    notes."""
+    os.remove(os.path.join(root, "notes_test.csv"))
+
+
+def train_test_leak(root: str) -> None:
+    """A training pair naming a note of the test pairs (data without events: the given training
+    pairs are used as they are)."""
+    first_test = read_rows(os.path.join(root, "note_pairs_test.csv"))[0][0]
+    _append(os.path.join(root, "note_pairs_train.csv"), f"{_first_id(root)},{first_test}\n")
 
 
 def dotdot_image_uri(root: str) -> None:
@@ -275,6 +288,8 @@ CASES: dict[str, Callable[[str], None]] = {
     "bomb_image": bomb_image,
     "oversize_image": oversize_image,
     "truncated_image": truncated_image,
+    "no_test_notes": no_test_notes,
+    "train_test_leak": train_test_leak,
     "dotdot_image_uri": dotdot_image_uri,
     "absolute_image_uri": absolute_image_uri,
     "foreign_scheme_image_uri": foreign_scheme_image_uri,
@@ -302,6 +317,9 @@ EXPECT: dict[str, str] = {
     "bomb_image": r"over data\.max_image_pixels=64000000: 80000000 pixels",
     "oversize_image": r"over data\.max_image_bytes=33554432: 34603008 bytes",
     "truncated_image": r"cannot be decoded",
+    "no_test_notes": r"no test notes \(notes_test\.csv or notes_test\.parquet",
+    "train_test_leak": r"note_pairs_test\.csv row 1, field '\w+': note '\w+' of the test pairs "
+                       r"is also in the train pairs",
     "dotdot_image_uri": r"notes_train\.parquet row 1, field 'image_uri': .*'\.\.'",
     "absolute_image_uri": r"notes_train\.parquet row 1, field 'image_uri': '/etc/hostname' is "
                           r"outside the data folder",
@@ -311,4 +329,5 @@ EXPECT: dict[str, str] = {
 
 LAYER: dict[str, str] = {name: "reader" for name in CASES} | {
     name: "validate" for name in ("long_content", "unknown_pair_note", "duplicate_note_id",
-                                  "bomb_image", "oversize_image", "truncated_image")}
+                                  "bomb_image", "oversize_image", "truncated_image",
+                                  "no_test_notes", "train_test_leak")}
