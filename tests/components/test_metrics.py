@@ -124,15 +124,3 @@ def test_length_slices_split_queries_and_targets_by_text_length():
     assert slices["short_target"]["target_id"].tolist() == ["a"]
     assert slices["long_target"]["target_id"].tolist() == ["b", "d"]
     assert length_slices(pairs, notes, 5)[0]["long_target"]["target_id"].tolist() == ["d"]
-
-
-def test_a_non_finite_score_is_a_miss_never_a_hit():
-    """A NaN query or partner used to rank -1, a perfect hit; a broken competitor never counted."""
-    pool = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]], dtype=np.float32)
-    queries = np.array([[1.0, 0.0], [np.nan, 0.0], [0.0, 1.0]], dtype=np.float32)
-    ranks = partner_ranks(queries, pool, np.array([0, 0, 1]))
-    assert ranks.tolist()[:2] == [0, 3]  # the NaN query misses at every K
-    broken = pool.copy()
-    broken[2] = [np.inf, 0.0]  # a competitor scored +inf or NaN sits ahead of the partner
-    assert partner_ranks(queries[[0, 2]], broken, np.array([0, 1])).tolist() == [1, 1]
-    assert recall_at_k(ranks, [1], 3)["R@1"] == pytest.approx(2 / 3)
