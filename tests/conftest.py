@@ -103,6 +103,20 @@ def write_official(root: str) -> str:
     return root
 
 
+def serving_request(notes):
+    """A request for the registered pyfunc from canonical notes: the fields, topics joined,
+    and each image's bytes (the server reads no paths)."""
+    def read(uri):
+        if not uri:
+            return b""
+        with open(uri, "rb") as f:
+            return f.read()
+
+    return notes.assign(topics=notes["topics"].map(",".join),
+                        image=notes["image_uri"].map(read))[["title", "content", "topics",
+                                                              "image"]]
+
+
 @pytest.fixture
 def official_dir(tmp_path) -> str:
     return write_official(str(tmp_path / "official"))

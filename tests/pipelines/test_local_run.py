@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from components.common.tracking import step_runs
 from pipelines.cli import main
 from pipelines.local import PipelineFailed, run_local
+from tests.conftest import serving_request
 
 pytestmark = pytest.mark.slow
 # the test demo holds ~20 test queries: below the production evidence floor
@@ -75,8 +76,7 @@ def test_pipeline_runs_end_to_end(demo_pipeline, demo_dir):
 
     test = read_dataset(demo_dir).notes["test"].head(5)
     served = mlflow.pyfunc.load_model("models:/notellm2@challenger").predict(
-        test.assign(topics=test["topics"].map(",".join))[["title", "content", "topics",
-                                                           "image_uri"]])
+        serving_request(test))
     by_id = dict(zip(emb["note_id"], emb["vector"], strict=True))
     np.testing.assert_allclose(served, np.stack([by_id[n] for n in test["note_id"]]), atol=1e-5)
     n_notes = sum(len(read_dataset(demo_dir).notes[s]) for s in ("train", "test"))

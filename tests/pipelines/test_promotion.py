@@ -13,7 +13,7 @@ from components.common.config import RegisterConfig
 from components.register.promote import decide
 from pipelines.cli import main
 from pipelines.local import run_local
-from tests.conftest import mlflow_server
+from tests.conftest import mlflow_server, serving_request
 
 pytestmark = pytest.mark.slow
 # the test demo holds ~20 test queries: below the production evidence floor
@@ -71,8 +71,7 @@ def test_promotion_workflow(server, demo_dir, tmp_path, monkeypatch):
     table, vectors = read_vectors(os.path.join(first.work, "embeddings", "notes.parquet"))
     test = read_dataset(demo_dir).notes["test"].head(4)
     served = mlflow.pyfunc.load_model("models:/notellm2@champion").predict(
-        test.assign(topics=test["topics"].map(",".join))[["title", "content", "topics",
-                                                           "image_uri"]])
+        serving_request(test))
     by_id = dict(zip(table["note_id"], vectors, strict=True))
     np.testing.assert_allclose(served, np.stack([by_id[n] for n in test["note_id"]]), atol=1e-5)
 
