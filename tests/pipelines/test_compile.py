@@ -142,8 +142,8 @@ def test_retries_where_an_attempt_can_resume(compiled):
     retried = {k: v["retryPolicy"] for k, v in tasks.items() if "retryPolicy" in v}
     assert set(retried) == {"train", "embed", "merge-embeddings", "index", "evaluate",
                             "register", "promote", "finish-run"}
-    # train resumes from its checkpoints (tests/components/test_checkpoint.py: a killed run
-    # resumes and matches an uninterrupted one; tests/pipelines/test_checkpoints_local_run.py)
+    # train resumes from its checkpoints (a run killed after a checkpoint
+    # resumes to the same weights: tests/components/test_train_distributed.py)
     assert retried["train"] == {"maxRetryCount": 3, "backoffDuration": "120s",
                                 "backoffFactor": 2.0, "backoffMaxDuration": "1800s"}
     # a deterministic refusal is not retried
