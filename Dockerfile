@@ -4,8 +4,10 @@
 # project, all from pyproject.toml (the only list of dependency versions; the build args below
 # choose the CUDA build of torch within pyproject's range, and nothing else).
 #
-#   docker build -t REGISTRY/notellm2-kfp:$(python -c 'import tomllib;print(tomllib.load(open("pyproject.toml","rb"))["project"]["version"])') \
+#   docker build -t REGISTRY/notellm2-kfp:$(notellm2 image | sed 's/.*://') \
 #                --build-arg GIT_SHA=$(git rev-parse HEAD) .
+#   (the tag `notellm2 compile` uses: package version + a hash of the source, so KFP's cache,
+#   which keys on the image string, changes with the code)
 #
 # Two stages: `build` (CUDA -devel: nvcc and headers, to compile DeepSpeed's ops) and `runtime`
 # (CUDA -runtime: the shared libraries only), which gets the finished Python and venv.

@@ -109,18 +109,34 @@ def demo_cmd(work: str, notes: int, seed: int, overrides: tuple[str, ...]) -> No
               help="YAML file to write.")
 @click.option("--image", default=None, help="Component image (default: from the package "
               "version, or $NOTELLM2_IMAGE).")
-@click.option("--kubernetes", is_flag=True, help="Add the kfp-kubernetes settings (MLflow/GCS "
-              "Secrets, node selector and tolerations parameters, in-memory /dev/shm for the "
-              "train and embed pods) as the YAML's second document.")
-def compile_cmd(output: str, image: str | None, kubernetes: bool) -> None:
+@click.option("--kubernetes/--no-kubernetes", default=True, show_default=True,
+              help="Add the kfp-kubernetes settings (MLflow/GCS Secrets, the notellm2-settings "
+              "ConfigMap, node selector and tolerations, in-memory /dev/shm for the train and "
+              "embed pods, image pull policy, task deadlines) as the YAML's second document.")
+@click.option("--preset", default=None, help="Preset the compiled pipeline defaults to and sizes "
+              "its train/embed CPU and memory parameters and deadlines for (default: tiny).")
+@click.option("--embed-parallelism", type=int, default=None,
+              help="At most this many embed shard pods at once (default: 8).")
+def compile_cmd(output: str, image: str | None, kubernetes: bool, preset: str | None,
+                embed_parallelism: int | None) -> None:
     """Compile the pipeline to KFP IR YAML for the Kubeflow Pipelines UI or kfp.Client."""
     from pipelines.compile import compile_pipeline
 
     try:
-        compile_pipeline(output, image=image, kubernetes=kubernetes)
+        compile_pipeline(output, image=image, kubernetes=kubernetes, preset=preset,
+                         embed_parallelism=embed_parallelism)
     except ValueError as e:
         _fail(str(e))
     click.echo(f"wrote {output}")
+
+
+@main.command("image")
+def image_cmd() -> None:
+    """Print the component image the pipeline compiles to (tag: package version and a hash of
+    the source): build and push the image under this name."""
+    from components.common.image import component_image
+
+    click.echo(component_image())
 
 
 def _registry(tracking_uri: str | None, work: str | None):

@@ -7,26 +7,54 @@ import os
 from components.common.image import ENV as IMAGE_ENV
 
 
-def compile_pipeline(output: str, image: str | None = None, kubernetes: bool = False) -> str:
+def compile_pipeline(output: str, image: str | None = None, kubernetes: bool = True,
+                     preset: str | None = None, embed_parallelism: int | None = None) -> str:
     """Write the pipeline YAML to ``output``; ``image`` overrides the component image.
-    ``kubernetes`` adds the kfp-kubernetes platform spec (Secrets, node selector, tolerations,
-    /dev/shm) as a second YAML document; without it the file is one KFP IR document."""
-    if image:
-        os.environ[IMAGE_ENV] = image
-        import importlib
-        import sys
+    ``kubernetes`` (default) adds the kfp-kubernetes platform spec (Secrets, the settings
+    ConfigMap, node selector, tolerations, /dev/shm, image pull policy, deadlines) as a second
+    YAML document; without it the file is one KFP IR document, and the ``node_selector`` and
+    ``tolerations`` parameters do nothing. ``preset``: the default of the ``preset`` parameter
+    and the sizes (``pipelines/resources.py``) the resource parameters default to;
+    ``embed_parallelism``: at most this many embed shards at once."""
+    if not image or image == os.environ.get(IMAGE_ENV):
+        return _compile(output, kubernetes, preset, embed_parallelism)
+    before = os.environ.get(IMAGE_ENV)
+    os.environ[IMAGE_ENV] = image
+    _reload_components()
+    try:
+        return _compile(output, kubernetes, preset, embed_parallelism)
+    finally:  # later compiles in this process get the image they ask for, not this one
+        if before is None:
+            del os.environ[IMAGE_ENV]
+        else:
+            os.environ[IMAGE_ENV] = before
+        _reload_components()
 
-        # component decorators read the image at import time: re-import with the override
-        names = [m for m in sys.modules if m.startswith("components.") and m.endswith(".component")]
-        for name in [*names, "pipelines.pipeline"]:
-            if name not in sys.modules:
-                continue
+
+def _reload_components() -> None:
+    """Component decorators read the image at import time: re-import them (and the pipeline,
+    which holds them) after the image changed."""
+    import importlib
+    import sys
+
+    names = [m for m in sys.modules if m.startswith("components.") and m.endswith(".component")]
+    for name in [*names, "pipelines.pipeline"]:
+        if name in sys.modules:
             importlib.reload(sys.modules[name])
+
+
+def _compile(output: str, kubernetes: bool, preset: str | None,
+             embed_parallelism: int | None) -> str:
     from kfp import compiler
 
-    from pipelines.pipeline import make_pipeline, notellm2_pipeline
+    from pipelines import resources
+    from pipelines.pipeline import DEFAULT_EMBED_PARALLELISM, make_pipeline
 
-    pipeline = make_pipeline(kubernetes_settings=True) if kubernetes else notellm2_pipeline
+    if embed_parallelism is not None and embed_parallelism < 1:
+        raise ValueError(f"embed parallelism must be at least 1, got {embed_parallelism}")
+    pipeline = make_pipeline(kubernetes_settings=kubernetes,
+                             sizing=preset or resources.DEFAULT_SIZING,
+                             embed_parallelism=embed_parallelism or DEFAULT_EMBED_PARALLELISM)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     compiler.Compiler().compile(pipeline, output)
     return output

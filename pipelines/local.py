@@ -97,7 +97,7 @@ def run_local(data: str, work: str, *, preset: str = "tiny", overrides: tuple[st
 
     from pipelines.pipeline import make_pipeline
 
-    notellm2_pipeline = make_pipeline(resources=False)
+    notellm2_pipeline = make_pipeline(resources=False, kubernetes_settings=False)
 
     local.init(runner=local.SubprocessRunner(use_venv=False),
                pipeline_root=os.path.join(work, "pipeline_root"), raise_on_error=True)

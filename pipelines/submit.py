@@ -195,10 +195,16 @@ def pipeline_parameters(package: str) -> dict[str, dict]:
 
 
 def check_params(params: Mapping[str, Any], spec: Mapping[str, dict]) -> None:
-    """Raise ValueError for a parameter the pipeline does not have or a value of the wrong type."""
+    """Raise ValueError for a parameter the pipeline does not have, a required one (no default)
+    that is missing, or a value of the wrong type."""
     unknown = set(params) - set(spec)
     if unknown:
         raise _unknown(unknown, spec)
+    missing = sorted(k for k, v in spec.items()
+                     if "defaultValue" not in v and not v.get("isOptional") and k not in params)
+    if missing:
+        raise ValueError(f"missing required pipeline parameter{'s' if len(missing) > 1 else ''} "
+                         f"{', '.join(missing)} (--param {missing[0]}=...)")
     for name, value in params.items():
         kind = spec[name]["parameterType"]
         what, ok = _TYPES.get(kind, (kind, lambda v: True))

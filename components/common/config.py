@@ -425,3 +425,51 @@ def resolve(preset: str = DEFAULT_PRESET, overrides: list[str] | dict | None = N
         return replace(cfg, **{s: replace(getattr(cfg, s), **kv) for s, kv in changes.items()})
     except (TypeError, ValueError) as e:
         raise ConfigError(str(e)) from None
+
+
+# The settings people tune, as typed pipeline parameters (what the KFP UI shows and its run
+# comparison lines up), and the config key each sets. Their defaults (0, 0.0, "") mean "the
+# preset's value".
+TUNED: dict[str, str] = {
+    "train_steps": "train.max_steps",
+    "learning_rate": "train.lr",
+    "batch_pairs": "train.batch_pairs",
+    "model_variant": "model.variant",
+    "llm": "model.llm",
+    "vision": "model.vision",
+}
+
+
+def merge_overrides(preset: str, overrides: list[str] | tuple[str, ...],
+                    **tuned: object) -> list[str]:
+    """``overrides`` followed by ``key=value`` for every tuned parameter that is set (not 0, 0.0
+    or ""), checked by resolving them on ``preset``. A key given both ways must agree: two
+    different values are an error naming both, never a silent choice."""
+    unknown = sorted(set(tuned) - set(TUNED))
+    if unknown:
+        raise ConfigError(f"unknown tuned parameter(s) {', '.join(unknown)}; known: "
+                          f"{', '.join(TUNED)}")
+    given = parse_overrides(list(overrides))
+    merged = [str(o) for o in overrides]
+    for name, value in tuned.items():
+        if value in (None, "") or (not isinstance(value, str) and value == 0):
+            continue
+        key = TUNED[name]
+        text = str(value)
+        if key in given:
+            if _same(given[key], text, key):
+                continue
+            raise ConfigError(f"{name}={text} and the override {key}={given[key]} disagree: "
+                              "set it in one place")
+        merged.append(f"{key}={text}")
+    resolve(preset, merged)  # a bad value fails here, before any data is read
+    return merged
+
+
+def _same(a: str, b: str, key: str) -> bool:
+    if a == b:
+        return True
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return False

@@ -74,9 +74,13 @@ class Report:
         return "\n".join(lines) + "\n"
 
 
-def run(canonical_dir: str, out_dir: str, cfg: DataConfig, validated_dir: str = "") -> Report:
+def run(canonical_dir: str, out_dir: str, cfg: DataConfig, validated_dir: str = "",
+        raise_on_failure: bool = True) -> Report:
     """Validate the canonical folder; on success and with ``validated_dir``, write there the
-    folder the later steps use: the same data without the dropped notes and their pairs."""
+    folder the later steps use: the same data without the dropped notes and their pairs.
+    A failed validation raises :class:`DataError` (:func:`failure_message`) after writing the
+    reports, or with ``raise_on_failure=False`` returns the report (``success`` False): the
+    pipeline's validate task does that, so its Data Docs reach the UI, and a gate task fails."""
     configure_images(cfg)
     notes, pairs, manifest = load_canonical(canonical_dir)
     events = (read_table(storage.join(canonical_dir, "events.parquet"))
@@ -96,10 +100,18 @@ def run(canonical_dir: str, out_dir: str, cfg: DataConfig, validated_dir: str = 
     for w in rep.warnings:
         log.warning(w)
     if rep.errors:
-        raise DataError(f"data validation failed ({len(rep.errors)} expectation(s); details in "
-                        "summary.md and data_docs.html):\n  " + "\n  ".join(rep.errors))
+        if raise_on_failure:
+            raise DataError(failure_message(rep))
+        log.error(failure_message(rep))
+        return rep
     log.info("validation passed: %s", rep.stats)
     return rep
+
+
+def failure_message(rep: Report) -> str:
+    """What a failed validation raises: every error, naming expectation, file, row and field."""
+    return (f"data validation failed ({len(rep.errors)} expectation(s); details in summary.md "
+            "and data_docs.html):\n  " + "\n  ".join(rep.errors))
 
 
 def _write_validated(canonical_dir: str, validated_dir: str, notes: dict[str, pd.DataFrame],

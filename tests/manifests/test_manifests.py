@@ -330,6 +330,23 @@ def test_pipeline_runner_may_run_trainjobs():
     assert launcher["data"]["defaultPipelineRoot"].startswith("gs://")
 
 
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_settings_config_map_gives_pipeline_pods_the_tracking_uri(kustomization):
+    from pipelines.pipeline import SETTINGS_CONFIG_MAP
+
+    objs = render(kustomization)
+    (rb,) = [o for o in objs if o["kind"] == "RoleBinding"]
+    (cm,) = [o for o in objs if o["kind"] == "ConfigMap"
+             and o["metadata"]["name"] == SETTINGS_CONFIG_MAP]
+    # in the namespace the pipeline's pods run in, under the exact name they read
+    assert cm["metadata"]["namespace"] == rb["metadata"]["namespace"]
+    uri = cm["data"]["MLFLOW_TRACKING_URI"]
+    assert uri.startswith("http://")
+    # the server answers it: its host is one of MLflow's ALLOWED_HOSTS
+    config = next(o["data"] for o in objs if o["metadata"]["name"].startswith("mlflow-server"))
+    assert uri.removeprefix("http://") in config["ALLOWED_HOSTS"].split(",")
+
+
 def test_mlflow_server_is_authenticated_and_host_checked():
     objs = render("base")
     (deploy,) = [o for o in objs if o["kind"] == "Deployment"]
@@ -406,7 +423,10 @@ def test_project_image_is_versioned_everywhere(monkeypatch):
     ours = {i for i in images if i.startswith(image.REPOSITORY)}
     assert ours == {f"{image.REPOSITORY}:{version}"}
     monkeypatch.delenv(image.ENV, raising=False)
-    assert image.component_image().rsplit(":", 1)[1] == image.package_version()
+    # the pipeline's image adds a hash of the source (a cache hit never stands for other code);
+    # a TrainJob gets the pipeline's image, the runtime's is only its template's default
+    assert image.component_image().rsplit(":", 1)[1] == \
+        f"{image.package_version()}-src.{image.source_hash()}"
     monkeypatch.setenv(image.ENV, "registry.example/notellm2-kfp:abc123")
     assert image.component_image() == "registry.example/notellm2-kfp:abc123"
     for bad in ("registry.example/notellm2-kfp:latest", "registry.example/notellm2-kfp"):

@@ -6,13 +6,25 @@ After an intended change: UPDATE_GOLDEN=1 pytest tests/pipelines/test_compile.py
 import json
 import os
 
+import pytest
 import yaml
 from click.testing import CliRunner
 from kfp import components
 
+from components.common.config import PRESETS, TUNED, ConfigError, merge_overrides
+from pipelines import resources
 from pipelines.cli import main
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "pipeline_structure.json")
+
+
+def dag_tasks(spec: dict) -> dict[str, dict]:
+    """Every task of the pipeline, in the root DAG and every sub-DAG (ExitHandler, ParallelFor,
+    If), by task name."""
+    tasks = dict(spec["root"]["dag"]["tasks"])
+    for comp in spec["components"].values():
+        tasks.update(comp.get("dag", {}).get("tasks", {}))
+    return tasks
 
 
 def structure(spec: dict) -> dict:
@@ -29,20 +41,29 @@ def structure(spec: dict) -> dict:
         "tasks": {k: {"component": v["componentRef"]["name"],
                       "after": sorted(v.get("dependentTasks", [])),
                       "inputs": io(v.get("inputs", {})),
-                      "caching": v.get("cachingOptions", {}).get("enableCache", False)}
-                  for k, v in root["dag"]["tasks"].items()},
+                      "caching": v.get("cachingOptions", {}).get("enableCache", False),
+                      "retries": v.get("retryPolicy", {}).get("maxRetryCount", 0)}
+                  for k, v in dag_tasks(spec).items()},
         "components": {k: {"inputs": io(v.get("inputDefinitions", {})),
                            "outputs": io(v.get("outputDefinitions", {}))}
                        for k, v in spec["components"].items()},
     }
 
 
-def test_compile_matches_golden_and_loads(tmp_path):
-    out = tmp_path / "pipeline.yaml"
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """The pipeline as `notellm2 compile --image …` writes it (kfp-kubernetes settings
+    included, the default): (IR, platform spec), compiled once for the tests below."""
+    out = tmp_path_factory.mktemp("compile") / "pipeline.yaml"
     result = CliRunner().invoke(main, ["compile", "--output", str(out), "--image",
                                        "registry.example/notellm2:1.2.3"])
     assert result.exit_code == 0, result.output
-    spec = yaml.safe_load(out.read_text())
+    spec, platform = yaml.safe_load_all(out.read_text())
+    return out, spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def test_compile_matches_golden_and_loads(compiled):
+    out, spec, _ = compiled
     got = structure(spec)
     if os.environ.get("UPDATE_GOLDEN"):
         with open(GOLDEN, "w") as f:
@@ -66,12 +87,8 @@ def test_default_image_is_versioned_never_latest(tmp_path):
     assert not image.endswith(":latest") and ":" in image.rsplit("/", 1)[-1]
 
 
-def test_compile_with_kubernetes_settings(tmp_path):
-    out = tmp_path / "k8s.yaml"
-    result = CliRunner().invoke(main, ["compile", "--output", str(out), "--kubernetes"])
-    assert result.exit_code == 0, result.output
-    spec, platform = yaml.safe_load_all(out.read_text())
-    execs = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+def test_kubernetes_settings_are_compiled_in_by_default(compiled):
+    _, spec, execs = compiled
     train = execs["exec-train"]
     assert train["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm",
                                         "sizeLimit": "16Gi", "volumeName": "dshm"}]
@@ -82,12 +99,145 @@ def test_compile_with_kubernetes_settings(tmp_path):
         "tolerations")
     for name, ex in execs.items():  # credentials come from optional Secrets, never inline
         assert all(s["optional"] for s in ex.get("secretAsEnv", []) + ex.get(
-            "secretAsVolume", [])), name
+            "secretAsVolume", []) + ex.get("configMapAsEnv", [])), name
     # least privilege: MLflow credentials only where a task talks to MLflow
     assert not execs["exec-embed"].get("secretAsEnv") and execs["exec-embed"]["secretAsVolume"]
-    assert "exec-shard-plan" not in execs  # no credentials, no placement: nothing at all
+    for name in ("exec-shard-plan", "exec-settings", "exec-validate-gate"):  # config only
+        assert not {"secretAsEnv", "secretAsVolume", "configMapAsEnv"} & set(execs[name]), name
     for name in ("exec-register", "exec-promote", "exec-train", "exec-ingest"):
         assert execs[name]["secretAsEnv"][0]["secretName"] == "notellm2-mlflow", name
     # GPU requests are IR: the train task's limit follows the train_gpus parameter
     res = spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
     assert "accelerator" in res
+
+
+def test_every_task_has_resources_timeout_and_pull_policy(compiled):
+    _, spec, execs = compiled
+    executors = spec["deploymentSpec"]["executors"]
+    for name, ex in executors.items():
+        res = ex["container"]["resources"]
+        for key in ("CpuRequest", "CpuLimit", "MemoryRequest", "MemoryLimit"):
+            assert res.get(f"resource{key}"), (name, key)
+        assert int(execs[name]["activeDeadlineSeconds"]) > 0, name
+        # --image names a tag that may be reused: pull it every time
+        assert execs[name]["imagePullPolicy"] == "Always", name
+    # the model-sized tasks follow pipeline parameters, defaulting to the preset's sizes
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    for task, param in (("train", "train_cpu"), ("train", "train_memory"),
+                        ("embed", "embed_cpu"), ("embed", "embed_memory"),
+                        ("evaluate", "embed_memory")):
+        res = executors[f"exec-{task}"]["container"]["resources"]
+        assert f"pipelinechannel--{param}" in json.dumps(res), (task, param)
+    tiny = resources.SIZES["tiny"]
+    assert params["train_memory"]["defaultValue"] == tiny["train"].memory
+    assert params["embed_cpu"]["defaultValue"] == tiny["embed"].cpu
+    assert execs["exec-train"]["activeDeadlineSeconds"] == str(tiny["train"].timeout_s)
+    # every preset is sized
+    assert set(resources.SIZES) == set(PRESETS)
+
+
+def test_retries_where_an_attempt_can_resume(compiled):
+    _, spec, _ = compiled
+    tasks = dag_tasks(spec)
+    retried = {k: v["retryPolicy"] for k, v in tasks.items() if "retryPolicy" in v}
+    assert set(retried) == {"train", "embed", "merge-embeddings", "index", "evaluate",
+                            "register", "promote", "finish-run"}
+    # train resumes from its checkpoints (a run killed after a checkpoint
+    # resumes to the same weights: tests/components/test_train_distributed.py)
+    assert retried["train"] == {"maxRetryCount": 3, "backoffDuration": "120s",
+                                "backoffFactor": 2.0, "backoffMaxDuration": "1800s"}
+    # a deterministic refusal is not retried
+    assert not {"settings", "ingest", "validate", "validate-gate"} & set(retried)
+
+
+def test_embed_fan_out_is_bounded(compiled, tmp_path):
+    _, spec, _ = compiled
+    loops = {k: v["iteratorPolicy"] for k, v in dag_tasks(spec).items() if "iteratorPolicy" in v}
+    assert loops == {"for-loop-2": {"parallelismLimit": 8}}
+    out = tmp_path / "p.yaml"
+    result = CliRunner().invoke(main, ["compile", "--output", str(out), "--no-kubernetes",
+                                       "--embed-parallelism", "3", "--preset",
+                                       "qwen2-7b-clip-b16"])
+    assert result.exit_code == 0, result.output
+    (spec,) = yaml.safe_load_all(out.read_text())  # one document without the platform spec
+    assert dag_tasks(spec)["for-loop-2"]["iteratorPolicy"] == {"parallelismLimit": 3}
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["preset"]["defaultValue"] == "qwen2-7b-clip-b16"
+    assert params["train_memory"]["defaultValue"] == \
+        resources.SIZES["qwen2-7b-clip-b16"]["train"].memory
+    assert "resources" in spec["deploymentSpec"]["executors"]["exec-train"]["container"]
+
+
+def test_caching_only_on_pure_tasks(compiled):
+    _, spec, _ = compiled
+    tasks = {k: v for k, v in dag_tasks(spec).items() if "componentRef" in v
+             and not v["componentRef"]["name"].startswith(("comp-exit-handler", "comp-for-loop",
+                                                          "comp-condition"))}
+    cached = {k for k, v in tasks.items() if v["cachingOptions"].get("enableCache")}
+    assert cached == {"settings", "shard-plan", "embed"}
+    # none of them takes the MLflow run: a cache hit skips no logging
+    for name in cached:
+        assert "mlflow_run_id" not in tasks[name].get("inputs", {}).get("parameters", {}), name
+    for name, task in tasks.items():
+        if "mlflow_run_id" in task.get("inputs", {}).get("parameters", {}):
+            assert name not in cached, name
+
+
+def test_default_image_tag_follows_the_source(monkeypatch):
+    from components.common import image
+
+    monkeypatch.delenv(image.ENV, raising=False)
+    tag = image.component_image().rsplit(":", 1)[1]
+    assert tag.endswith(f"-src.{image.source_hash()}") and len(image.source_hash()) == 12
+    assert image.image_pull_policy() == "IfNotPresent"  # content-addressed: a node's copy is it
+    image.source_hash.cache_clear()
+    try:
+        monkeypatch.setattr(image, "PACKAGES", ("components", "model"))  # other code, other tag
+        assert image.component_image() != f"{image.REPOSITORY}:{tag}"
+    finally:
+        image.source_hash.cache_clear()
+
+
+def test_failed_validation_reaches_the_ui_and_a_gate_stops_the_run(compiled):
+    _, spec, _ = compiled
+    comps, tasks = spec["components"], dag_tasks(spec)
+    outs = comps["comp-validate"]["outputDefinitions"]
+    assert {"verdict", "errors"} <= set(outs["parameters"])
+    assert {"data_docs", "summary", "report", "validated"} <= set(outs["artifacts"])
+    gate = tasks["validate-gate"]
+    assert gate["inputs"]["parameters"]["verdict"]["taskOutputParameter"] == {
+        "outputParameterKey": "verdict", "producerTask": "validate"}
+    assert "validate-gate" in tasks["train"]["dependentTasks"]
+
+
+def test_tuned_parameters_feed_the_settings_task(compiled):
+    _, spec, execs = compiled
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert "defaultValue" not in params["data_uri"]  # required
+    assert {k: params[k]["parameterType"] for k in TUNED} == {
+        "train_steps": "NUMBER_INTEGER", "learning_rate": "NUMBER_DOUBLE",
+        "batch_pairs": "NUMBER_INTEGER", "model_variant": "STRING", "llm": "STRING",
+        "vision": "STRING"}
+    tasks = dag_tasks(spec)
+    assert set(TUNED) <= set(tasks["settings"]["inputs"]["parameters"])
+    for name, task in tasks.items():  # every task resolves its config from the merged list
+        given = task.get("inputs", {}).get("parameters", {}).get("overrides")
+        if given and name != "settings":
+            assert given.get("taskOutputParameter", {}).get("producerTask") == "settings" or \
+                given["componentInputParameter"] == "pipelinechannel--settings-Output", name
+    # the tracking URI comes from the optional ConfigMap manifests/ creates
+    env = execs["exec-ingest"]["configMapAsEnv"][0]
+    assert env["configMapName"] == "notellm2-settings" and env["optional"]
+    assert env["keyToEnv"] == [{"configMapKey": "MLFLOW_TRACKING_URI",
+                                "envVar": "MLFLOW_TRACKING_URI"}]
+
+
+def test_merge_overrides():
+    assert merge_overrides("tiny", ["train.warmup_ratio=0.1"], train_steps=0, learning_rate=0.0,
+                           llm="", batch_pairs=8) == ["train.warmup_ratio=0.1",
+                                                      "train.batch_pairs=8"]
+    assert merge_overrides("tiny", ["train.lr=0.001"], learning_rate=1e-3) == ["train.lr=0.001"]
+    with pytest.raises(ConfigError, match="learning_rate=0.01 and the override train.lr=0.001"):
+        merge_overrides("tiny", ["train.lr=0.001"], learning_rate=0.01)
+    with pytest.raises(ConfigError, match="model.variant"):
+        merge_overrides("tiny", [], model_variant="nope")

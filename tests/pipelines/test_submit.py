@@ -265,7 +265,14 @@ def kfp_api(monkeypatch, tmp_path):
         server.server_close()
 
 
-def _submit(kfp_api, *args: str):
+DATA = "gs://bucket/notes"
+
+
+def _submit(kfp_api, *args: str, data: bool = True):
+    """``notellm2 submit`` with ``args``, plus the required ``data_uri`` unless given or
+    ``data`` is False."""
+    if data and not any(a.startswith("data_uri=") for a in args):
+        args = (*args, "--param", f"data_uri={DATA}")
     return CliRunner().invoke(submit_cmd, ["--host", kfp_api.host, *args])
 
 
@@ -334,7 +341,8 @@ def test_first_submit_uploads_same_yaml_reuses_changed_param_runs(kfp_api, tmp_p
     assert ("POST", f"{API}/pipelines/upload_version") not in kfp_api.calls(n)
     new = json.loads(kfp_api.requests[-1]["raw"])
     assert new["runtime_config"]["parameters"] == {
-        "preset": "qwen2-0.5b-clip-b16", "train_gpus": 4, "run_name": "2024-06-01"}
+        "preset": "qwen2-0.5b-clip-b16", "train_gpus": 4, "run_name": "2024-06-01",
+        "data_uri": DATA}
     assert new["pipeline_version_reference"]["pipeline_version_id"] == \
         version["pipeline_version_id"]
     assert new["display_name"].startswith("notellm2 ")  # default run name
@@ -353,7 +361,7 @@ def test_recurring_run(kfp_api):
     assert rec["trigger"] == {"cron_schedule": {"cron": "0 0 2 * * *"}}
     assert rec["mode"] == "ENABLE" and rec["no_catchup"] is True and rec["max_concurrency"] == 1
     assert rec["display_name"] == "nightly retrain"
-    assert rec["runtime_config"]["parameters"] == {"preset": "tiny"}
+    assert rec["runtime_config"]["parameters"] == {"preset": "tiny", "data_uri": DATA}
     (exp,) = kfp_api.experiments.values()
     assert rec["experiment_id"] == exp["experiment_id"] and exp["display_name"] == "Default"
     ref = rec["pipeline_version_reference"]
@@ -384,6 +392,8 @@ def test_unknown_or_mistyped_param_fails_clearly(kfp_api):
     assert r.exit_code == 1 and "train_gpus takes an integer (NUMBER_INTEGER)" in r.output
     r = _submit(kfp_api, "--param", "preset=tiny", "--param", "preset=qwen2-7b-clip-b16")
     assert r.exit_code == 1 and "given twice" in r.output
+    r = _submit(kfp_api, "--param", "preset=tiny", data=False)  # data_uri has no default
+    assert r.exit_code == 1 and "missing required pipeline parameter data_uri" in r.output
     assert kfp_api.requests == []
 
 

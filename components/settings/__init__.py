@@ -1,0 +1,1 @@
+"""settings: the run's config overrides from the pipeline's typed parameters and ``overrides``."""
