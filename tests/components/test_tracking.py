@@ -157,3 +157,18 @@ def test_ingest_logs_the_data_as_mlflow_datasets(uri, official_dir, tmp_path):
         assert official_dir in pairs.source and pairs.digest
         assert json.loads(pairs.profile)["num_rows"] > 0
     assert client.get_run(parent).info.status == "RUNNING"
+
+
+def test_register_links_the_evaluation_metrics_to_the_logged_model(uri, tmp_path):
+    from tests.faults.registry_kit import register_version
+
+    run_id, out = register_version(uri, str(tmp_path / "v1"), hits=30)
+    client = mlflow.MlflowClient(uri)
+    mv = client.get_model_version(out["name"], out["version"])
+    model = client.get_logged_model(mv.source.removeprefix("models:/"))
+    linked = {m.key: m.value for m in model.metrics}
+    assert linked["R_at_10"] == 0.5 and linked["n_queries"] == 60
+    assert all(m.run_id == run_id for m in model.metrics)
+    run = client.get_run(run_id)  # the run's metrics as before, and still open
+    assert run.data.metrics["R_at_10"] == 0.5 and run.info.status == "RUNNING"
+    assert [m.value for m in client.get_metric_history(run_id, "R_at_10")] == [0.5]
