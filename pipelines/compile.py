@@ -24,9 +24,10 @@ def compile_pipeline(output: str, image: str | None = None, kubernetes: bool = F
             importlib.reload(sys.modules[name])
     from kfp import compiler
 
-    from pipelines.pipeline import make_pipeline, notellm2_pipeline
+    from pipelines.pipeline import make_pipeline
 
-    pipeline = make_pipeline(kubernetes_settings=True) if kubernetes else notellm2_pipeline
+    # built here, not at import, so that $KFP_UI_URL of this moment reaches the ingest task
+    pipeline = make_pipeline(kubernetes_settings=kubernetes)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     compiler.Compiler().compile(pipeline, output)
     return output
