@@ -52,6 +52,7 @@ def _compile(output: str, kubernetes: bool, preset: str | None,
 
     if embed_parallelism is not None and embed_parallelism < 1:
         raise ValueError(f"embed parallelism must be at least 1, got {embed_parallelism}")
+    # built here, not at import, so that $KFP_UI_URL of this moment reaches the ingest task
     pipeline = make_pipeline(kubernetes_settings=kubernetes,
                              sizing=preset or resources.DEFAULT_SIZING,
                              embed_parallelism=embed_parallelism or DEFAULT_EMBED_PARALLELISM)

@@ -1,7 +1,7 @@
 """Run the pipeline on this machine with ``kfp.local`` and lay the results out in a work folder.
 
 WORK/
-  metrics.json  report.md  recall_at_k.png   evaluation
+  metrics.json  report.md  report.html  *.png   evaluation (report.html: charts embedded)
   model/        the trained model (save_pretrained format)
   embeddings/   notes.parquet (note_id, split, vector), vectors.npy, probe_*.parquet
   index/        index.faiss, ids.parquet, index.json
@@ -31,7 +31,7 @@ from components.common.tracking import ENV as TRACKING_ENV
 
 log = logging.getLogger(__name__)
 CHARTS = ("recall_at_k.png", "probes_slices.png", "fusion_similarity.png")
-RESULTS = ("metrics.json", "report.md", *CHARTS, "decision", "model", "embeddings", "index")
+RESULTS = ("metrics.json", "report.md", "report.html", *CHARTS, "decision", "model", "embeddings", "index")
 
 
 class PipelineFailed(RuntimeError):
@@ -188,7 +188,7 @@ def _outputs(root: str, before: set[str]) -> dict[str, str]:
 def _publish(out: dict[str, str], work: str) -> None:
     """Copy the pipeline's outputs into the work-folder layout (only after every task passed)."""
     ev = out["evaluation"]
-    for name in ("metrics.json", "report.md", *CHARTS):
+    for name in ("metrics.json", "report.md", "report.html", *CHARTS):
         if os.path.exists(os.path.join(ev, name)):
             shutil.copyfile(os.path.join(ev, name), os.path.join(work, name))
     for key in ("model", "embeddings", "index", "decision"):

@@ -16,10 +16,13 @@ deadline, its caching choice and, where a second attempt is safe, a retry policy
 tracking URI, placement and the image pull policy.
 """
 
+import os
+
 from kfp import dsl, kubernetes
 from kfp.dsl import PipelineTask
 
 from components.common.image import component_image, image_pull_policy
+from components.common.tracking import KFP_UI_ENV
 from components.embed.component import embed, merge_embeddings, shard_plan
 from components.evaluate.component import evaluate
 from components.index.component import index
@@ -189,6 +192,8 @@ def make_pipeline(*, resources: bool = True, kubernetes_settings: bool = True,
                          kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, image=component_image(),
                          **common)
             ing.set_display_name("ingest").set_caching_options(False)
+            if ui := os.environ.get(KFP_UI_ENV, ""):  # the MLflow runs link to the KFP run
+                ing.set_env_variable(KFP_UI_ENV, ui)
             tracked = {"mlflow_tracking_uri": mlflow_tracking_uri, "mlflow_run_id": ing.outputs["Output"]}
             mine = mine_pairs(canonical=ing.outputs["canonical"], **common, **tracked)
             mine.set_display_name("mine pairs").set_caching_options(False)

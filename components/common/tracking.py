@@ -2,10 +2,16 @@
 metric names MLflow accepts.
 
 The pipeline's run (made by ``ingest``) holds what describes and decides the run: the data and
-config parameters, the evaluation's headline metrics and the logged model that the registry's
-versions point to. Each step logs what it measured and wrote into a child run named after it
-(:func:`step_run`); an exception inside marks that child FAILED, and the pipeline's exit handler
-marks the pipeline's run FAILED when any task failed.
+config parameters, the data sets as MLflow dataset inputs, the evaluation's headline metrics and
+the logged model that the registry's versions point to. It stays RUNNING while the pipeline runs:
+only the exit handler (:func:`finish_run`) ends it, FINISHED or FAILED from KFP's final state; a
+step that re-opens it (:func:`pipeline_run`) leaves its status alone. Each step logs what it
+measured and wrote into a child run named after it (:func:`step_run`); an exception inside marks
+that child FAILED.
+
+Both carry the KFP run id (``kfp_run_id``), a link to the run in the KFP UI (``kfp_run_url``,
+when ``$KFP_UI_URL`` names the UI), the source commit (``mlflow.source.git.commit``, which the
+MLflow UI shows, and ``git_sha``) and the image.
 """
 
 from __future__ import annotations
@@ -38,27 +44,41 @@ def log_numbers(record: dict, prefix: str = "") -> None:
     log_metrics({prefix + k: v for k, v in record.items()})
 
 
-def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+def log_metrics(metrics: dict[str, float], step: int | None = None,
+                model_id: str | None = None) -> None:
+    """The int and float values as metrics of the active run; with ``model_id`` also linked to
+    that logged model (MLflow 3: they show on the model's page too)."""
     import mlflow
 
     clean = {metric_key(k): float(v) for k, v in metrics.items()
              if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if clean:
-        mlflow.log_metrics(clean, step=step)
+        mlflow.log_metrics(clean, step=step, model_id=model_id)
 
 
 @contextmanager
 def pipeline_run(uri: str, run_id: str) -> Iterator[object]:
-    """Re-open the pipeline's MLflow run inside a step."""
+    """Re-open the pipeline's MLflow run as the active run inside a step (for the fluent API:
+    ``log_model``, ``log_artifacts``). Leaving it, also by an exception, keeps the run's status:
+    the pipeline's run is only ended by the exit handler. (The fluent ``end_run`` sets a status
+    and an end time; the end time is overwritten when the exit handler ends the run.)"""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri(uri))
-    with mlflow.start_run(run_id=run_id) as run:
+    client = mlflow.MlflowClient()
+    status = client.get_run(run_id).info.status
+    run = mlflow.start_run(run_id=run_id)  # sets RUNNING
+    try:
         yield run
+    finally:
+        mlflow.end_run(status=status)  # pops the fluent run, status unchanged
 
 
 # tags a step's run copies from the pipeline's run, so either can be found by them
-INHERITED_TAGS = ("kfp_run_id", "git_sha", "image")
+GIT_COMMIT_TAG = "mlflow.source.git.commit"  # the MLflow UI shows it as the run's source version
+KFP_UI_ENV = "KFP_UI_URL"  # e.g. https://kubeflow.example.com/pipeline (the UI's base URL)
+KFP_URL_TAG = "kfp_run_url"
+INHERITED_TAGS = ("kfp_run_id", KFP_URL_TAG, "git_sha", GIT_COMMIT_TAG, "image")
 PARENT_TAG = "mlflow.parentRunId"  # how MLflow (and its UI) nests runs
 STEP_TAG = "kfp_step"
 
@@ -116,17 +136,35 @@ def log_to_pipeline_run(parent_id: str, params: dict | None = None,
         client.log_batch(parent_id, params=ps[i:i + 100], metrics=ms[i:i + 100])
 
 
+def kfp_run_url(kfp_run_id: str, ui_url: str | None = None) -> str:
+    """The KFP UI page of a run: ``<ui>/#/runs/details/<id>`` with ``ui`` from ``$KFP_UI_URL``;
+    "" when no UI is known (``kfp.local``) or there is no run id."""
+    ui = (os.environ.get(KFP_UI_ENV, "") if ui_url is None else ui_url).strip().rstrip("/")
+    return f"{ui}/#/runs/details/{kfp_run_id}" if ui and kfp_run_id else ""
+
+
+def run_tags(tags: dict[str, str]) -> dict[str, str]:
+    """The pipeline run's tags with what MLflow and the KFP UI link by: the commit also as
+    ``mlflow.source.git.commit``, the KFP run's page as ``kfp_run_url``."""
+    out = dict(tags)
+    sha = out.get("git_sha", "")
+    if sha and sha != "unknown":
+        out.setdefault(GIT_COMMIT_TAG, sha)
+    if url := kfp_run_url(out.get("kfp_run_id", "")):
+        out.setdefault(KFP_URL_TAG, url)
+    return {k: v for k, v in out.items() if v}
+
+
 def create_run(uri: str, experiment: str, run_name: str, tags: dict[str, str]) -> str:
-    """Create the pipeline's run (in ``ingest``) and return its id."""
+    """Create the pipeline's run (in ``ingest``) and return its id. It stays RUNNING until the
+    exit handler (:func:`finish_run`) ends it."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri(uri))
     exp = mlflow.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else mlflow.create_experiment(experiment)
     client = mlflow.MlflowClient()
-    run = client.create_run(exp_id, run_name=run_name or None,
-                            tags={k: v for k, v in tags.items() if v})
-    client.set_terminated(run.info.run_id, status="FINISHED")
+    run = client.create_run(exp_id, run_name=run_name or None, tags=run_tags(tags))
     return run.info.run_id
 
 
@@ -157,3 +195,33 @@ def finish_run(uri: str, experiment: str, kfp_run_id: str, state: str, error: st
             client.set_terminated(r.info.run_id, status="KILLED")
     client.set_terminated(run_id, status="FAILED")
     return "FAILED"
+
+
+def dataset_context(name: str) -> str:
+    """MLflow's dataset context of a table ``<kind>_<split>[_<slice>]``: ``training``,
+    ``testing`` (the test split and its slices), else the split's own name."""
+    split = (name.split("_") + [""])[1]
+    return {"train": "training", "test": "testing"}.get(split, split)
+
+
+def log_datasets(run_ids: list[str], tables: dict[str, object], source: str) -> None:
+    """Log data frames as MLflow dataset inputs of each run: name, digest, schema and row count
+    (not the rows), with ``source`` (the data folder: local path or gs://) as where they came
+    from and the context from the name (:func:`dataset_context`). The MLflow UI lists them in
+    the run's "Datasets used"."""
+    import warnings
+
+    import mlflow
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    inputs = []
+    with warnings.catch_warnings():  # integer columns, an ambiguous local source
+        warnings.simplefilter("ignore", UserWarning)
+        for name, df in tables.items():
+            ds = mlflow.data.from_pandas(df, source=source, name=name)
+            inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[
+                InputTag(MLFLOW_DATASET_CONTEXT, dataset_context(name))]))
+    client = mlflow.MlflowClient()
+    for run_id in run_ids:
+        client.log_inputs(run_id, datasets=inputs)

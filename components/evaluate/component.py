@@ -1,5 +1,5 @@
 from kfp import dsl
-from kfp.dsl import Artifact, Dataset, Input, Markdown, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
 from components.common.image import component_image
 
@@ -8,10 +8,11 @@ from components.common.image import component_image
 def evaluate(canonical: Input[Dataset], embeddings: Input[Dataset], model: Input[Model],
              index: Input[Artifact], preset: str, overrides: list, mlflow_tracking_uri: str,
              mlflow_run_id: str, evaluation: Output[Artifact],
-             metrics: Output[Metrics], report: Output[Markdown]):
+             metrics: Output[Metrics], report: Output[Markdown], report_html: Output[HTML]):
     """Exact R@K by the reference protocol beside R@K through the built index, modality probes,
     slices and the image/text saliency of the model; against the registry's champion (when
-    there is one) on the same queries, with paired-bootstrap intervals."""
+    there is one) on the same queries, with paired-bootstrap intervals. ``report`` and
+    ``report_html`` carry the charts as data URIs: the KFP UI shows one file, no folder."""
     import shutil
 
     import mlflow
@@ -20,6 +21,7 @@ def evaluate(canonical: Input[Dataset], embeddings: Input[Dataset], model: Input
     from components.common.config import resolve
     from components.common.notes import configure_images
     from components.evaluate.compare import find_champion
+    from components.evaluate.report import inline_images
     from components.evaluate.run import run
 
     logs.setup()
@@ -37,4 +39,8 @@ def evaluate(canonical: Input[Dataset], embeddings: Input[Dataset], model: Input
     for key, value in result.items():
         if isinstance(value, (int, float)):
             metrics.log_metric(key, value)
-    shutil.copyfile(f"{evaluation.path}/report.md", report.path)
+    with open(f"{evaluation.path}/report.md") as f:
+        markdown = f.read()
+    with open(report.path, "w") as f:
+        f.write(inline_images(markdown, evaluation.path))
+    shutil.copyfile(f"{evaluation.path}/report.html", report_html.path)

@@ -1,5 +1,5 @@
 """evaluate: R@K by the reference protocol, modality probes and slices; metrics.json, a Markdown
-report and a recall@K chart."""
+report with its charts (PNG) and the same report as one self-contained HTML page."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from components.evaluate.fusion import (
     text_share_by_slice,
 )
 from components.evaluate.metrics import dedupe_pairs, evaluate_pairs
+from components.evaluate.report import report_html
 from model.collator import PROBES
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,7 @@ def saliency_summary(model_dir: str, test_notes: pd.DataFrame, test_pairs: pd.Da
 def run(canonical_dir: str, embeddings_dir: str, out_dir: str, cfg: EvalConfig, *,
         model_dir: str = "", index_dir: str = "", champion_dir: str = "",
         champion_version: str = "") -> dict:
-    """metrics.json, report.md and charts in ``out_dir``. With probes also the fusion
+    """metrics.json, report.md, its charts and report.html (charts embedded) in ``out_dir``. With probes also the fusion
     diagnostics' channel similarity (``fusion/<probe>/…``, ``fusion_similarity.png``); with
     ``model_dir`` also the saliency summary and the fused vectors' text share
     (``fusion/text_share…``); with ``index_dir`` also R@K through the built index
@@ -210,14 +211,18 @@ def run(canonical_dir: str, embeddings_dir: str, out_dir: str, cfg: EvalConfig, 
     result = {**metrics, **counts, "ties": "pessimistic", "status": "complete"}
     write_query_ranks(ranks, storage.join(out_dir, QUERY_RANKS))
     storage.write_text(storage.join(out_dir, "metrics.json"), json.dumps(result, indent=2))
-    storage.write_text(storage.join(out_dir, "report.md"), report_markdown(result, manifest))
+    markdown = report_markdown(result, manifest)
+    storage.write_text(storage.join(out_dir, "report.md"), markdown)
     _chart(result, out_dir)
     fusion_chart(fusion_data, result, out_dir)
+    # the same report with the charts embedded: one file that renders anywhere
+    storage.write_text(storage.join(out_dir, REPORT_HTML), report_html(markdown, out_dir))
     log.info("evaluation: %s", {k: round(v, 4) for k, v in metrics.items() if "/" not in k})
     return result
 
 
 QUERY_RANKS = "query_ranks.parquet"
+REPORT_HTML = "report.html"
 
 
 def write_query_ranks(ranks: dict[str, list], uri: str) -> None:

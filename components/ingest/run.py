@@ -25,7 +25,7 @@ def run(data_uri: str, out_dir: str, *, tracking_uri: str = "", experiment: str 
     run_id = tracking.create_run(tracking_uri, experiment, run_name,
                                  {"data_uri": data_uri, **(tags or {})})
     # the step's run spans the reading, so a refused data folder shows as a FAILED ingest run
-    with tracking.step_run(tracking_uri, run_id, "ingest"):
+    with tracking.step_run(tracking_uri, run_id, "ingest") as step:
         ds = read_dataset(data_uri, cfg)
         for w in ds.warnings:
             log.warning(w)
@@ -36,6 +36,10 @@ def run(data_uri: str, out_dir: str, *, tracking_uri: str = "", experiment: str 
             "data.slices": ",".join(ds.slices) or "-"})
         tracking.log_metrics({f"data/notes_{k}": v for k, v in manifest["notes"].items()}
                              | {f"data/pairs_{k}": v for k, v in manifest["pairs"].items()})
+        # the canonical tables as MLflow datasets of the pipeline's run and the step's run
+        tracking.log_datasets([run_id, step.info.run_id],
+                              {f"notes_{k}": v for k, v in ds.notes.items()}
+                              | {f"pairs_{k}": v for k, v in ds.pairs.items()}, data_uri)
     log.info("ingested %s (%s layout): notes %s, pairs %s", data_uri, ds.layout,
              manifest["notes"], manifest["pairs"])
     return manifest, run_id

@@ -62,7 +62,6 @@ def run(model_dir: str, eval_dir: str, index_dir: str, cfg: RegisterConfig, *,
                 f"evaluation status is {metrics.get('status')!r}: nothing registered")
     with storage.local_copy(model_dir) as local_model, \
             tracking.pipeline_run(tracking_uri, run_id):
-        tracking.log_metrics({k: v for k, v in metrics.items() if k != "status"})
         with tempfile.TemporaryDirectory() as tmp:
             for src, name in ((eval_dir, "evaluation"), (index_dir, "index")):
                 dest = os.path.join(tmp, name)
@@ -85,6 +84,11 @@ def run(model_dir: str, eval_dir: str, index_dir: str, cfg: RegisterConfig, *,
                 pip_requirements=[f"notellm2-kfp=={package_version}"],
             )
             version = str(info.registered_model_version)
+        # the evaluation, linked to the logged model too (MLflow 3: its page lists them)
+        source = client.get_model_version(cfg.model_name, version).source  # models:/<model id>
+        model_id = source.removeprefix("models:/") if source.startswith("models:/m-") else None
+        tracking.log_metrics({k: v for k, v in metrics.items() if k != "status"},
+                             model_id=model_id)
     index_meta = json.loads(storage.read_text(storage.join(index_dir, "index.json")))
     tags = {tracking.metric_key(k): str(metrics[k])
             for k in ("R@10", "R@100", "n_queries", "pool_size") if k in metrics}

@@ -10,6 +10,7 @@ on held-out pairs, the DeepSpeed config and a loss-curve picture.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from components.common.config import RunConfig
 from components.train import launch
@@ -25,8 +26,8 @@ from components.train.worker import (
 )
 
 __all__ = ["CheckpointMismatch", "CheckpointUnreadable", "NonFiniteGradient", "NonFiniteLoss",
-           "PairBatches", "PixelCache", "lr_lambda", "make_collate", "param_groups", "run",
-           "training_pairs"]
+           "PairBatches", "PixelCache", "kfp_metrics", "lr_lambda", "make_collate",
+           "param_groups", "run", "training_pairs"]
 
 
 def run(canonical_dir: str, model_out: str, cfg: RunConfig, *, tracking_uri: str = "",
@@ -48,3 +49,14 @@ def run(canonical_dir: str, model_out: str, cfg: RunConfig, *, tracking_uri: str
         # one process needs no launcher: the same engine, in this process
         return launch.in_process(dataclasses.replace(job, threads=t.threads_per_proc))
     return launch.torchrun(job, nproc, launch.threads_per_proc(t, nproc))
+
+
+def kfp_metrics(final: dict[str, float]) -> dict[str, float]:
+    """The final metrics as the train task's KFP ``Metrics`` (shown in the run's UI): every
+    finite number, names as MLflow logs them (``loss``, ``pairs_per_s``, ``val/loss``, …),
+    with ``steps`` for the exported step."""
+    out = {k: round(float(v), 6) for k, v in sorted(final.items())
+           if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    if "exported_step" in out:
+        out["steps"] = out["exported_step"]
+    return out

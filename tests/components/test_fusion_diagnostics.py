@@ -138,6 +138,16 @@ def test_evaluate_step_writes_the_diagnostics(tmp_path):
     assert "fusion/text_only/slice/short_query/partner_cos_mean" in m  # every slice has keys
     assert "## Fusion diagnostics" in (tmp_path / "eval" / "report.md").read_text()
     assert (tmp_path / "eval" / "fusion_similarity.png").stat().st_size > 0
+    # the UI's copies: every chart of report.md embedded, no relative image link left
+    from components.evaluate.report import has_relative_images, inline_images
+
+    md = (tmp_path / "eval" / "report.md").read_text()
+    assert md.count("](") == 3 and has_relative_images(md)  # recall, probes × slices, fusion
+    for text in (inline_images(md, str(tmp_path / "eval")),
+                 (tmp_path / "eval" / "report.html").read_text()):
+        assert text.count("data:image/png;base64,iVBOR") == 3, text[:200]
+        assert not has_relative_images(text)
+    assert "<h2>Fusion diagnostics</h2>" in (tmp_path / "eval" / "report.html").read_text()
 
 
 @pytest.fixture(scope="module")

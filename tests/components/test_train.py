@@ -219,3 +219,12 @@ def test_concat_fusion_trains_on_look_alikes_and_exports_its_whitening(demo_dir,
     assert os.path.exists(os.path.join(out, "whitening.safetensors"))
     assert not torch.allclose(stats["text_white"], torch.eye(d))  # fitted, not the identity
     assert float(stats["text_mean"].norm()) > 0
+
+
+def test_the_train_task_metrics_for_the_kfp_ui():
+    from components.train.run import kfp_metrics
+
+    got = kfp_metrics({"loss": 1.23456789, "pairs_per_s": 200.0, "val/loss": float("nan"),
+                       "exported_step": 15.0, "note": "x", "flag": True})
+    assert got == {"loss": 1.234568, "pairs_per_s": 200.0, "exported_step": 15.0,
+                   "steps": 15.0}

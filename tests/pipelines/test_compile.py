@@ -241,3 +241,16 @@ def test_merge_overrides():
         merge_overrides("tiny", ["train.lr=0.001"], learning_rate=0.01)
     with pytest.raises(ConfigError, match="model.variant"):
         merge_overrides("tiny", [], model_variant="nope")
+
+
+def test_a_known_kfp_ui_reaches_the_ingest_task(tmp_path, monkeypatch):
+    """$KFP_UI_URL at compile time: the MLflow runs get a link to their KFP run."""
+    from pipelines.compile import compile_pipeline
+
+    monkeypatch.setenv("KFP_UI_URL", "https://kfp.example.com/pipeline")
+    with open(compile_pipeline(str(tmp_path / "p.yaml"))) as f:
+        spec = next(yaml.safe_load_all(f))
+    envs = {name: {e["name"]: e["value"] for e in ex["container"].get("env", [])}
+            for name, ex in spec["deploymentSpec"]["executors"].items()}
+    assert envs["exec-ingest"]["KFP_UI_URL"] == "https://kfp.example.com/pipeline"
+    assert not any("KFP_UI_URL" in e for name, e in envs.items() if name != "exec-ingest")

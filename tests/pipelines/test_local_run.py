@@ -48,6 +48,26 @@ def test_pipeline_runs_end_to_end(demo_pipeline, demo_dir):
     assert run.data.params["train.max_steps"] == "15" and run.data.params["data.layout"]
     assert run.data.tags["kfp_run_id"] and run.data.tags["image"] and run.data.tags["git_sha"]
     assert run.info.status == "FINISHED" and run.data.tags["kfp_final_state"] == "SUCCEEDED"
+    if run.data.tags["git_sha"] != "unknown":
+        assert run.data.tags["mlflow.source.git.commit"] == run.data.tags["git_sha"]
+    assert {"notes_train", "notes_test", "pairs_test"} <= {
+        d.dataset.name for d in run.inputs.dataset_inputs}
+    # the evaluation is linked to the registered logged model
+    linked = {m.key: m.value for m in client.get_logged_model(
+        version.source.removeprefix("models:/")).metrics}
+    assert linked["R_at_10"] == pytest.approx(m["R@10"])
+    # what the KFP UI shows: reports with the charts embedded, the train task's metrics
+    import glob
+
+    from components.evaluate.report import has_relative_images
+
+    root = os.path.join(work, "pipeline_root", "*")
+    for name in ("report", "report_html"):
+        (path,) = glob.glob(os.path.join(root, "evaluate", name))
+        with open(path) as f:
+            text = f.read()
+        assert "data:image/png;base64," in text and not has_relative_images(text), name
+    assert os.path.exists(os.path.join(work, "report.html"))
     # one nested run per step, finished, carrying the pipeline run's tags
     steps = step_runs(res.tracking_uri, run.info.run_id)
     assert set(steps) == {"ingest", "mine_pairs", "validate", "train", "embed", "index",
