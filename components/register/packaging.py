@@ -127,15 +127,41 @@ def check_serving(model_uri: str, body: str):
         return validate_serving_input(model_uri, body)  # which needs an env manager
 
 
-def log_checked(check, **log_model_kwargs):
+def log_checked(check, *, serving_body: str | None = None, **log_model_kwargs):
     """``mlflow.pyfunc.log_model`` with the inference code staged as ``code_paths``, then
-    ``check(model_info)``; returns the model info. Nothing is registered here: a model that
-    fails its check must not become a version a retried task would reuse unchecked."""
+    ``check(prediction)`` on the model's answer to ``serving_body`` (skipped when None);
+    returns the model info. Nothing is registered here: a model that fails its check must not
+    become a version a retried task would reuse unchecked.
+
+    ``log_model`` itself loads the saved model and answers its input example the way the scoring
+    server parses it, but only warns when that fails; its result and error are taken from that
+    call (one model load, not two), and the model is loaded again only if MLflow did not make
+    it."""
     import tempfile
+    from unittest import mock
 
     import mlflow
+    import mlflow.models.utils as model_utils
 
-    with tempfile.TemporaryDirectory() as tmp, isolated_load():
+    seen: dict = {}
+    original = model_utils._validate_serving_input
+
+    def validate(model_uri, serving_input):
+        try:
+            seen["out"] = original(model_uri, serving_input)
+        except Exception as e:
+            seen["error"] = e
+            raise
+        return seen["out"]
+
+    with tempfile.TemporaryDirectory() as tmp, isolated_load(), \
+            mock.patch.object(model_utils, "_validate_serving_input", validate):
         info = mlflow.pyfunc.log_model(code_paths=stage_code(tmp), **log_model_kwargs)
-    check(info)
+    if serving_body is None:
+        return info
+    if "error" in seen:
+        raise RuntimeError(f"the logged model {info.model_uri} cannot answer its input example "
+                           f"as the scoring server would: {seen['error']}; nothing registered"
+                           ) from seen["error"]
+    check(seen["out"] if "out" in seen else check_serving(info.model_uri, serving_body))
     return info

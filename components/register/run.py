@@ -50,18 +50,14 @@ def _related_signature():
                           params=ParamSchema([ParamSpec("k", DataType.long, DEFAULT_K)]))
 
 
-def _check_encoder(info, dim: int) -> None:
-    """The logged encoder answers its input example, as the scoring server would parse it, with
-    one unit vector of the right width per note."""
+def _check_encoder(out, n: int, dim: int) -> None:
+    """The encoder's answer to its input example: one unit vector of the right width per note."""
     import numpy as np
 
-    example = packaging.encoder_example()
-    out = np.asarray(packaging.check_serving(info.model_uri, packaging.serving_input(example)))
-    if out.shape != (len(example), dim) or not np.allclose(np.linalg.norm(out, axis=1), 1,
-                                                           atol=1e-3):
-        raise RuntimeError(f"the logged model {info.model_uri} answered its input example with "
-                           f"shape {out.shape}, not {len(example)} unit vectors of {dim}: "
-                           "nothing registered")
+    out = np.asarray(out)
+    if out.shape != (n, dim) or not np.allclose(np.linalg.norm(out, axis=1), 1, atol=1e-3):
+        raise RuntimeError(f"the logged model answered its input example with shape "
+                           f"{out.shape}, not {n} unit vectors of {dim}: nothing registered")
 
 
 def _first_note_id(index_dir: str) -> str:
@@ -78,19 +74,16 @@ def log_related(local_model: str, local_index: str, *, check: bool = True) -> st
     example = packaging.related_example(note_id)
     k = 3
 
-    def check_related(info) -> None:
-        if not check:
-            return
-        out = packaging.check_serving(info.model_uri,
-                                      packaging.serving_input(example, {"k": k}))
+    def check_related(out) -> None:
         ids = list(out["related_ids"])
         if len(out) != len(example) or not all(0 < len(r) <= k for r in ids) \
                 or note_id in ids[0]:
-            raise RuntimeError(f"the logged related-notes model {info.model_uri} answered its "
-                               f"input example with {out!r}: nothing registered")
+            raise RuntimeError(f"the logged related-notes model answered its input example "
+                               f"with {out!r}: nothing registered")
 
     info = packaging.log_checked(
         check_related, name="related", python_model=RELATED,
+        serving_body=packaging.serving_input(example, {"k": k}) if check else None,
         artifacts={"model": local_model, "index": local_index},
         signature=_related_signature(), input_example=(example, {"k": k}) if check else None,
         pip_requirements=packaging.pinned(packaging.RELATED_REQUIREMENTS))
@@ -155,11 +148,13 @@ def run(model_dir: str, eval_dir: str, index_dir: str, cfg: RegisterConfig, *,
             log.info("run %s already registered %s version %s: reused", run_id,
                      cfg.model_name, version)
         else:
+            example = packaging.encoder_example()
             info = packaging.log_checked(
-                (lambda i: _check_encoder(i, dim)) if check_serving else (lambda i: None),
+                lambda out: _check_encoder(out, len(example), dim),
+                serving_body=packaging.serving_input(example) if check_serving else None,
                 name="model", python_model=SERVING, artifacts={"model": local_model},
                 signature=_signature(dim),
-                input_example=packaging.encoder_example() if check_serving else None,
+                input_example=example if check_serving else None,
                 pip_requirements=packaging.pinned(packaging.ENCODER_REQUIREMENTS),
             )
             version = str(mlflow.register_model(info.model_uri, cfg.model_name).version)
