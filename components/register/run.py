@@ -10,10 +10,11 @@ import tempfile
 
 from components.common import storage, tracking
 from components.common.config import RegisterConfig
-from components.register import promote
+from components.register import packaging, promote
 
 log = logging.getLogger(__name__)
 SERVING = os.path.join(os.path.dirname(__file__), "serving.py")
+RELATED = os.path.join(os.path.dirname(__file__), "related.py")
 
 
 def _signature(dim: int):
@@ -27,6 +28,66 @@ def _signature(dim: int):
                      ColSpec("binary", "image", required=False)])
     return ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype(np.float32),
                                                                     (-1, dim))]))
+
+
+def _related_signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import Array
+
+    from components.register.related import DEFAULT_K
+
+    inputs = Schema([ColSpec("string", "note_id", required=False),
+                     ColSpec("string", "title", required=False),
+                     ColSpec("string", "content", required=False),
+                     ColSpec("string", "topics", required=False),
+                     ColSpec("string", "image_uri", required=False),
+                     ColSpec("binary", "image", required=False)])
+    outputs = Schema([ColSpec("string", "note_id"),
+                      ColSpec(Array(DataType.string), "related_ids"),
+                      ColSpec(Array(DataType.double), "scores")])
+    return ModelSignature(inputs=inputs, outputs=outputs,
+                          params=ParamSchema([ParamSpec("k", DataType.long, DEFAULT_K)]))
+
+
+def _check_encoder(out, n: int, dim: int) -> None:
+    """The encoder's answer to its input example: one unit vector of the right width per note."""
+    import numpy as np
+
+    out = np.asarray(out)
+    if out.shape != (n, dim) or not np.allclose(np.linalg.norm(out, axis=1), 1, atol=1e-3):
+        raise RuntimeError(f"the logged model answered its input example with shape "
+                           f"{out.shape}, not {n} unit vectors of {dim}: nothing registered")
+
+
+def _first_note_id(index_dir: str) -> str:
+    from components.common.readers import read_table
+
+    path = os.path.join(index_dir, "ids.parquet")
+    return str(read_table(path)["note_id"].iloc[0]) if os.path.exists(path) else ""
+
+
+def log_related(local_model: str, local_index: str, *, check: bool = True) -> str:
+    """Log the related-notes pyfunc (``related.py``: note id or fields in, top-K related note
+    ids of this run's index out) as the run's model ``related``; returns its model URI."""
+    note_id = _first_note_id(local_index)
+    example = packaging.related_example(note_id)
+    k = 3
+
+    def check_related(out) -> None:
+        ids = list(out["related_ids"])
+        if len(out) != len(example) or not all(0 < len(r) <= k for r in ids) \
+                or note_id in ids[0]:
+            raise RuntimeError(f"the logged related-notes model answered its input example "
+                               f"with {out!r}: nothing registered")
+
+    info = packaging.log_checked(
+        check_related, name="related", python_model=RELATED,
+        serving_body=packaging.serving_input(example, {"k": k}) if check else None,
+        artifacts={"model": local_model, "index": local_index},
+        signature=_related_signature(), input_example=(example, {"k": k}) if check else None,
+        pip_requirements=packaging.pinned(packaging.RELATED_REQUIREMENTS))
+    return info.model_uri
 
 
 def _arm(client, name: str, version: str) -> dict:
@@ -49,10 +110,17 @@ def registered_version(client, name: str, run_id: str) -> str | None:
 
 
 def run(model_dir: str, eval_dir: str, index_dir: str, cfg: RegisterConfig, *,
-        tracking_uri: str, run_id: str, package_version: str, decision_dir: str = "") -> dict:
+        tracking_uri: str, run_id: str, package_version: str, decision_dir: str = "",
+        check_serving: bool = True) -> dict:
     """Register the version (alias ``challenger``), decide on promotion (tags, decision.md) and
     write the A/B plan (ab_plan.json, ab_plan.md) to ``decision_dir``. Returns name, version,
-    alias, model_uri and decision ("promote" or "hold")."""
+    alias, model_uri and decision ("promote" or "hold").
+
+    Also logs the related-notes model (``related``) to the run; the version's tag
+    ``related_model_uri`` names it. Each model is logged with its inference code and checked to
+    answer its input example before anything is registered (``check_serving=False``, only for
+    tests that register stub model folders, logs them without input example or check). ``package_version`` is kept for callers: the models
+    no longer require the package, they carry its code."""
     import mlflow
 
     metrics = json.loads(storage.read_text(storage.join(eval_dir, "metrics.json")))
@@ -61,6 +129,7 @@ def run(model_dir: str, eval_dir: str, index_dir: str, cfg: RegisterConfig, *,
             raise RuntimeError(
                 f"evaluation status is {metrics.get('status')!r}: nothing registered")
     with storage.local_copy(model_dir) as local_model, \
+            storage.local_copy(index_dir) as local_index, \
             tracking.pipeline_run(tracking_uri, run_id):
         with tempfile.TemporaryDirectory() as tmp:
             for src, name in ((eval_dir, "evaluation"), (index_dir, "index")):
@@ -78,23 +147,31 @@ def run(model_dir: str, eval_dir: str, index_dir: str, cfg: RegisterConfig, *,
             log.info("run %s already registered %s version %s: reused", run_id,
                      cfg.model_name, version)
         else:
-            info = mlflow.pyfunc.log_model(
+            example = packaging.encoder_example()
+            info = packaging.log_checked(
+                lambda out: _check_encoder(out, len(example), dim),
+                serving_body=packaging.serving_input(example) if check_serving else None,
                 name="model", python_model=SERVING, artifacts={"model": local_model},
-                signature=_signature(dim), registered_model_name=cfg.model_name,
-                pip_requirements=[f"notellm2-kfp=={package_version}"],
+                signature=_signature(dim),
+                input_example=example if check_serving else None,
+                pip_requirements=packaging.pinned(packaging.ENCODER_REQUIREMENTS),
             )
-            version = str(info.registered_model_version)
+            version = str(mlflow.register_model(info.model_uri, cfg.model_name).version)
         # the evaluation, linked to the logged model too (MLflow 3: its page lists them)
         source = client.get_model_version(cfg.model_name, version).source  # models:/<model id>
         model_id = source.removeprefix("models:/") if source.startswith("models:/m-") else None
         tracking.log_metrics({k: v for k, v in metrics.items() if k != "status"},
                              model_id=model_id)
+        # related notes (item-to-item) of this version: logged once, also by a retried task
+        related_uri = client.get_model_version(cfg.model_name, version).tags.get(
+            "related_model_uri") or log_related(local_model, local_index, check=check_serving)
     index_meta = json.loads(storage.read_text(storage.join(index_dir, "index.json")))
     tags = {tracking.metric_key(k): str(metrics[k])
             for k in ("R@10", "R@100", "n_queries", "pool_size") if k in metrics}
     tags |= {"run_id": run_id, "embed_dim": str(dim), "evaluation_status": metrics["status"],
              "index_params": json.dumps({k: index_meta.get(k) for k in (
                  "factory", "search_params", "recall", "recall_k") if k in index_meta})}
+    tags["related_model_uri"] = related_uri
     decision = promote.decide(metrics, cfg)
     tags |= promote.decision_tags(decision, cfg)
     # every tag before the alias: whoever follows ``challenger`` finds the decision written

@@ -66,7 +66,8 @@ def register_version(uri: str, folder: str, hits: int, champion: tuple[str, int]
     model, index = model_and_index(folder)
     ev = evaluation(os.path.join(folder, "evaluation"), hits, champion)
     out = register.run(model, ev, index, cfg, tracking_uri=uri, run_id=run_id,
-                       package_version="0.0.0", decision_dir=os.path.join(folder, "decision"))
+                       package_version="0.0.0", decision_dir=os.path.join(folder, "decision"),
+                       check_serving=False)  # stub model folders: nothing to load
     return run_id, out
 
 
