@@ -135,7 +135,7 @@ def plan(client, name: str, share: float, *, stage: str = "auto",
     elif chall.tags.get("rolled_back"):
         why_not = (f"{CHALLENGER} version {chall.version} was rolled back "
                    f"({chall.tags['rolled_back']})")
-    else:
+    elif stage != "champion":  # the share matters only for a canary
         percent = canary_percent(share)
         if percent == 0:
             why_not = "register.ab_traffic_challenger is 0"

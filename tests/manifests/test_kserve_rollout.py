@@ -138,6 +138,8 @@ def test_stages_and_shares(client, registry):
         rollout.plan(client, model, 0.0, stage="canary", artifacts_destination=DEST)
     with pytest.raises(rollout.RolloutError, match="promote version 2"):
         rollout.plan(client, model, 1.0, artifacts_destination=DEST)
+    assert rollout.plan(client, model, 1.0, stage="champion",
+                        artifacts_destination=DEST).stage == "champion"
     with pytest.raises(rollout.RolloutError, match="whole percents"):
         rollout.plan(client, model, 0.125, artifacts_destination=DEST)
     with pytest.raises(rollout.RolloutError, match="between 0 and 1"):
