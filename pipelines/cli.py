@@ -240,5 +240,14 @@ def _add_submit() -> None:
 
 _add_submit()
 
+
+def _add_rollout() -> None:
+    from pipelines.rollout import rollout_cmd
+
+    main.add_command(rollout_cmd)
+
+
+_add_rollout()
+
 if __name__ == "__main__":
     main()
