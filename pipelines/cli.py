@@ -112,12 +112,15 @@ def demo_cmd(work: str, notes: int, seed: int, overrides: tuple[str, ...]) -> No
 @click.option("--kubernetes", is_flag=True, help="Add the kfp-kubernetes settings (MLflow/GCS "
               "Secrets, node selector and tolerations parameters, in-memory /dev/shm for the "
               "train and embed pods) as the YAML's second document.")
-def compile_cmd(output: str, image: str | None, kubernetes: bool) -> None:
+@click.option("--pipeline", "which", default="train", show_default=True,
+              type=click.Choice(["train", "refresh"]),
+              help="train: the training pipeline; refresh: the index refresh for new notes.")
+def compile_cmd(output: str, image: str | None, kubernetes: bool, which: str) -> None:
     """Compile the pipeline to KFP IR YAML for the Kubeflow Pipelines UI or kfp.Client."""
     from pipelines.compile import compile_pipeline
 
     try:
-        compile_pipeline(output, image=image, kubernetes=kubernetes)
+        compile_pipeline(output, image=image, kubernetes=kubernetes, pipeline=which)
     except ValueError as e:
         _fail(str(e))
     click.echo(f"wrote {output}")
@@ -223,6 +226,15 @@ def _add_submit() -> None:
 
 
 _add_submit()
+
+
+def _add_refresh() -> None:
+    from pipelines.refresh_cli import refresh_cmd
+
+    main.add_command(refresh_cmd)
+
+
+_add_refresh()
 
 if __name__ == "__main__":
     main()
