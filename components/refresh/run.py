@@ -84,9 +84,12 @@ def validate_new(canonical_dir: str, out_dir: str, cfg, validated_dir: str = "")
         raise DataError(f"{canonical_dir}: no notes to add (expected notes_<split>.csv or "
                         ".parquet in the data folder)")
     frame = notes_frame(notes)
+    images = check_images(frame, cfg.image_check_workers)
+    # bool even when no note names an image (an empty object column would index columns)
+    images["decodes"] = images["decodes"].astype(bool)
     todo = [Table("notes", frame, notes_suite(cfg), ["_file", "_row", "note_id", "imgid"],
                   NOTE_CSV_FIELDS),
-            Table("images", check_images(frame, cfg.image_check_workers), images_suite(cfg),
+            Table("images", images, images_suite(cfg),
                   ["_file", "_row", "note_id", "image_uri", "problem"], NOTE_CSV_FIELDS)]
     results = engine.validate(todo)
     rep = vrun.report(todo, results, cfg)
