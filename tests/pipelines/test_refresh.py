@@ -195,3 +195,20 @@ def test_refresh_adds_new_notes_to_the_champions_index(demo_pipeline, demo_dir, 
     with pytest.raises(RefreshRefused, match="not built with that version"):
         refresh(canonical, str(tmp_path / "other"), resolve("tiny", []), tracking_uri=uri,
                 run_id=create_run(uri, "refresh-test", "refused", {}))
+
+
+def test_ab_plan_arm_follows_the_refreshed_index():
+    from types import SimpleNamespace
+
+    from components.register.run import _arm
+
+    class Client:
+        tags: dict = {"embed_dim": "64"}
+
+        def get_model_version(self, name, version):
+            return SimpleNamespace(run_id="r1", tags=self.tags)
+
+    client = Client()
+    assert _arm(client, NAME, "3")["index_uri"] == "runs:/r1/index"
+    client.tags = {"embed_dim": "64", INDEX_URI_TAG: "runs:/r9/index"}
+    assert _arm(client, NAME, "3")["index_uri"] == "runs:/r9/index"
