@@ -288,7 +288,8 @@ def run(canonical_dir: str, out_dir: str, cfg: RunConfig, *, tracking_uri: str, 
             k: record[k] for k in ("model_name", "model_version", "run_id", "at")}
             | {"base_index_uri": base})
         record |= {"added": len(added), "ntotal_after": int(grown.get("ntotal", 0)),
-                   "added_ids": added[:1000]}
+                   "added_ids": added[:1000], "base_index_uri": base,  # after a retry: the
+                   "ntotal_before": int(grown.get("ntotal", 0)) - len(added)}  # one grown
         if not added:
             break
         client.log_artifacts(run_id, index_out, artifact_path="index")
