@@ -117,14 +117,17 @@ def demo_cmd(work: str, notes: int, seed: int, overrides: tuple[str, ...]) -> No
               "its train/embed CPU and memory parameters and deadlines for (default: tiny).")
 @click.option("--embed-parallelism", type=int, default=None,
               help="At most this many embed shard pods at once (default: 8).")
+@click.option("--pipeline", "which", default="train", show_default=True,
+              type=click.Choice(["train", "refresh"]),
+              help="train: the training pipeline; refresh: the index refresh for new notes.")
 def compile_cmd(output: str, image: str | None, kubernetes: bool, preset: str | None,
-                embed_parallelism: int | None) -> None:
+                embed_parallelism: int | None, which: str) -> None:
     """Compile the pipeline to KFP IR YAML for the Kubeflow Pipelines UI or kfp.Client."""
     from pipelines.compile import compile_pipeline
 
     try:
         compile_pipeline(output, image=image, kubernetes=kubernetes, preset=preset,
-                         embed_parallelism=embed_parallelism)
+                         embed_parallelism=embed_parallelism, pipeline=which)
     except ValueError as e:
         _fail(str(e))
     click.echo(f"wrote {output}")
@@ -248,6 +251,15 @@ def _add_rollout() -> None:
 
 
 _add_rollout()
+
+
+def _add_refresh() -> None:
+    from pipelines.refresh_cli import refresh_cmd
+
+    main.add_command(refresh_cmd)
+
+
+_add_refresh()
 
 if __name__ == "__main__":
     main()

@@ -6,23 +6,29 @@ import os
 
 from components.common.image import ENV as IMAGE_ENV
 
+PIPELINES = ("train", "refresh")
+
 
 def compile_pipeline(output: str, image: str | None = None, kubernetes: bool = True,
-                     preset: str | None = None, embed_parallelism: int | None = None) -> str:
+                     preset: str | None = None, embed_parallelism: int | None = None,
+                     pipeline: str = "train") -> str:
     """Write the pipeline YAML to ``output``; ``image`` overrides the component image.
     ``kubernetes`` (default) adds the kfp-kubernetes platform spec (Secrets, the settings
     ConfigMap, node selector, tolerations, /dev/shm, image pull policy, deadlines) as a second
     YAML document; without it the file is one KFP IR document, and the ``node_selector`` and
     ``tolerations`` parameters do nothing. ``preset``: the default of the ``preset`` parameter
     and the sizes (``pipelines/resources.py``) the resource parameters default to;
-    ``embed_parallelism``: at most this many embed shards at once."""
+    ``embed_parallelism``: at most this many embed shards at once. ``pipeline``: ``train`` (the
+    training pipeline) or ``refresh`` (the index refresh, :mod:`pipelines.refresh`)."""
+    if pipeline not in PIPELINES:
+        raise ValueError(f"unknown pipeline {pipeline!r}; choose one of {', '.join(PIPELINES)}")
     if not image or image == os.environ.get(IMAGE_ENV):
-        return _compile(output, kubernetes, preset, embed_parallelism)
+        return _compile(output, kubernetes, preset, embed_parallelism, pipeline)
     before = os.environ.get(IMAGE_ENV)
     os.environ[IMAGE_ENV] = image
     _reload_components()
     try:
-        return _compile(output, kubernetes, preset, embed_parallelism)
+        return _compile(output, kubernetes, preset, embed_parallelism, pipeline)
     finally:  # later compiles in this process get the image they ask for, not this one
         if before is None:
             del os.environ[IMAGE_ENV]
@@ -32,19 +38,19 @@ def compile_pipeline(output: str, image: str | None = None, kubernetes: bool = T
 
 
 def _reload_components() -> None:
-    """Component decorators read the image at import time: re-import them (and the pipeline,
-    which holds them) after the image changed."""
+    """Component decorators read the image at import time: re-import them (and the pipelines,
+    which hold them) after the image changed."""
     import importlib
     import sys
 
     names = [m for m in sys.modules if m.startswith("components.") and m.endswith(".component")]
-    for name in [*names, "pipelines.pipeline"]:
+    for name in [*names, "pipelines.pipeline", "pipelines.refresh"]:
         if name in sys.modules:
             importlib.reload(sys.modules[name])
 
 
 def _compile(output: str, kubernetes: bool, preset: str | None,
-             embed_parallelism: int | None) -> str:
+             embed_parallelism: int | None, pipeline: str) -> str:
     from kfp import compiler
 
     from pipelines import resources
@@ -53,9 +59,14 @@ def _compile(output: str, kubernetes: bool, preset: str | None,
     if embed_parallelism is not None and embed_parallelism < 1:
         raise ValueError(f"embed parallelism must be at least 1, got {embed_parallelism}")
     # built here, not at import, so that $KFP_UI_URL of this moment reaches the ingest task
-    pipeline = make_pipeline(kubernetes_settings=kubernetes,
+    if pipeline == "refresh":
+        from pipelines.refresh import make_refresh_pipeline
+
+        func = make_refresh_pipeline(kubernetes_settings=kubernetes)
+    else:
+        func = make_pipeline(kubernetes_settings=kubernetes,
                              sizing=preset or resources.DEFAULT_SIZING,
                              embed_parallelism=embed_parallelism or DEFAULT_EMBED_PARALLELISM)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    compiler.Compiler().compile(pipeline, output)
+    compiler.Compiler().compile(func, output)
     return output

@@ -279,9 +279,11 @@ def _api_error(e: Exception, host: str) -> SubmitError:
 
 def submit(host: str, *, namespace: str | None = None, experiment: str | None = None,
            params: dict, run_name: str | None = None, recurring_cron: str | None = None,
-           pipeline_name: str = "notellm2", image: str | None = None, kubernetes: bool = True,
-           existing_token: str | None = None) -> dict:
+           pipeline_name: str | None = None, image: str | None = None, kubernetes: bool = True,
+           existing_token: str | None = None, pipeline: str = "train") -> dict:
     """Compile, upload or reuse the pipeline version, and start a run (or a recurring run).
+    ``pipeline``: ``train`` (uploaded as ``notellm2``) or ``refresh`` (the index refresh,
+    uploaded as ``notellm2-refresh``), unless ``pipeline_name`` says otherwise.
 
     Returns ids, whether anything was uploaded, and ``url``, the run's page in the KFP UI.
     Raises ValueError for a bad cron or parameter (before contacting the cluster) and
@@ -293,13 +295,14 @@ def submit(host: str, *, namespace: str | None = None, experiment: str | None = 
     from pipelines.compile import compile_pipeline
 
     cron = validate_cron(recurring_cron) if recurring_cron is not None else None
+    pipeline_name = pipeline_name or {"refresh": "notellm2-refresh"}.get(pipeline, "notellm2")
     host = host.rstrip("/")
     experiment = (experiment or os.environ.get("KF_PIPELINES_DEFAULT_EXPERIMENT_NAME")
                   or "Default")
     run_name = run_name or f"{pipeline_name} {time.strftime('%Y-%m-%d %H:%M:%S')}"
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline(os.path.join(tmp, "pipeline.yaml"), image=image,
-                                   kubernetes=kubernetes)
+                                   kubernetes=kubernetes, pipeline=pipeline)
         check_params(params, pipeline_parameters(package))
         with open(package, "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()
@@ -363,6 +366,10 @@ def _description(package: str) -> str | None:
               help="Pipeline parameter, repeatable; JSON values parse "
               "(--param train_gpus=8 --param overrides=train.max_steps=50, overrides repeats).")
 @click.option("--run-name", default=None, help="KFP run name [default: pipeline name and time].")
+@click.option("--pipeline", "which", default="train", show_default=True,
+              type=click.Choice(["train", "refresh"]),
+              help="train: the training pipeline (uploaded as notellm2); refresh: the index "
+              "refresh for new notes (uploaded as notellm2-refresh).")
 @click.option("--recurring", "cron", default=None, metavar="CRON",
               help="Create a recurring run on this 6-field KFP cron "
               "(second minute hour day-of-month month day-of-week), e.g. '0 0 2 * * *'.")
@@ -377,7 +384,7 @@ def _description(package: str) -> str | None:
               "or the in-cluster pipelines token].")
 def submit_cmd(host: str, namespace: str | None, experiment: str | None,
                param_pairs: tuple[str, ...], run_name: str | None, cron: str | None,
-               image: str | None, token_file, token: str | None) -> None:
+               image: str | None, token_file, token: str | None, which: str = "train") -> None:
     """Upload the pipeline (reusing an identical version) and start a run on a KFP cluster.
 
     The KFP bearer token comes from --token-file, $NOTELLM2_KFP_TOKEN or --token (in that
@@ -392,11 +399,12 @@ def submit_cmd(host: str, namespace: str | None, experiment: str | None,
             validate_cron(cron)
         with tempfile.TemporaryDirectory() as tmp:
             spec = pipeline_parameters(compile_pipeline(os.path.join(tmp, "p.yaml"),
-                                                        image=image, kubernetes=True))
+                                                        image=image, kubernetes=True,
+                                                        pipeline=which))
         params = parse_params(param_pairs, {k: v["parameterType"] for k, v in spec.items()})
         res = submit(host, namespace=namespace, experiment=experiment, params=params,
                      run_name=run_name, recurring_cron=cron, image=image,
-                     existing_token=token)
+                     existing_token=token, pipeline=which)
     except (ValueError, SubmitError) as e:
         _fail(str(e))
     what = {"pipeline": "uploaded new pipeline", "version": "uploaded new version"}.get(

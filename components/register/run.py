@@ -94,7 +94,9 @@ def _arm(client, name: str, version: str) -> dict:
     """What the A/B plan needs of a registered version, from its tags."""
     mv = client.get_model_version(name, version)
     return {"version": str(version), "model_uri": f"models:/{name}/{version}",
-            "index_uri": f"runs:/{mv.run_id}/index", "dim": int(mv.tags.get("embed_dim", 0)),
+            # a refreshed index (notellm2 refresh) is named by the version's index_uri tag
+            "index_uri": mv.tags.get("index_uri") or f"runs:/{mv.run_id}/index",
+            "dim": int(mv.tags.get("embed_dim", 0)),
             "index_params": json.loads(mv.tags.get("index_params", "{}"))}
 
 

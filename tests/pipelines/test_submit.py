@@ -450,3 +450,27 @@ def test_validate_cron_accepts_kfp_forms():
     for cron in ("0 0 2 * * *", "*/15 * * * * ?", "0 0 9 ? * MON-FRI", "0 30 1 1 jan,jul *",
                  "@daily", "@every 1h30m"):
         assert validate_cron(cron) == cron
+
+
+def test_recurring_refresh_pipeline(kfp_api):
+    """``--pipeline refresh``: the index refresh goes up as its own pipeline, run on a schedule,
+    every task uncached (each run must read the registry and the index of the moment)."""
+    r = _submit(kfp_api, "--pipeline", "refresh", "--recurring", "0 0 * * * *",
+                "--param", "data_uri=gs://bucket/new-notes", "--param", "embed_gpus=1")
+    assert r.exit_code == 0, r.output
+    assert kfp_api.errors == []
+    upload = next(q for q in kfp_api.requests if q["path"] == f"{API}/pipelines/upload")
+    assert upload["query"]["name"] == ["notellm2-refresh"]
+    spec, platform = yaml.safe_load_all(upload["uploaded"])
+    assert spec["pipelineInfo"]["name"] == "notellm2-refresh"
+    tasks = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    assert set(tasks) == {"ingest", "validate-new-notes", "refresh-index"}
+    assert all(not t.get("cachingOptions", {}).get("enableCache") for t in tasks.values())
+    assert "model_alias" in spec["root"]["inputDefinitions"]["parameters"]
+    assert platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]  # Secrets etc.
+    (rec,) = kfp_api.recurring.values()
+    assert rec["trigger"] == {"cron_schedule": {"cron": "0 0 * * * *"}}
+    assert rec["runtime_config"]["parameters"] == {"data_uri": "gs://bucket/new-notes",
+                                                   "embed_gpus": 1}
+    r = _submit(kfp_api, "--pipeline", "refresh", "--param", "train_gpus=1")
+    assert r.exit_code != 0 and "unknown pipeline parameter" in r.output
