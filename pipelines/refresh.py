@@ -26,9 +26,13 @@ PIPELINE_NAME = "notellm2-refresh"
 def make_refresh_pipeline(*, resources: bool = True, kubernetes_settings: bool = False):
     """The refresh pipeline; ``resources`` and ``kubernetes_settings`` as in
     :func:`pipelines.pipeline.make_pipeline` (the local runner builds it with neither)."""
-    from pipelines.pipeline import _gpus, _platform
+    from pipelines.pipeline import _platform
 
-    gpus = _gpus if resources else (lambda task, *_: task)
+    def gpus(task, accelerator_type, count):
+        if resources:
+            task.set_accelerator_type(accelerator_type).set_accelerator_limit(count)
+        return task
+
     place = _platform if kubernetes_settings else (lambda task, **_: task)
 
     @dsl.pipeline(name=PIPELINE_NAME, description=(
@@ -36,7 +40,7 @@ def make_refresh_pipeline(*, resources: bool = True, kubernetes_settings: bool =
         "embedded with the champion (no retraining); the refreshed index is logged to this "
         "run and named by the version's index_uri tag."))
     def notellm2_refresh(
-        data_uri: str = "",
+        data_uri: str,
         preset: str = "tiny",
         overrides: list = [],  # noqa: B006 - KFP takes the default literally; never mutated
         mlflow_tracking_uri: str = "",
