@@ -103,6 +103,21 @@ def write_official(root: str) -> str:
     return root
 
 
+def assert_tracked_run(client, version, metrics: dict) -> None:
+    """The MLflow side of a finished pipeline run, read through ``client`` (a SQLite store or a
+    real server): the exit handler closed the run, it carries the commit and its data sets, and
+    the registered logged model holds the evaluation."""
+    run = client.get_run(version.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["kfp_final_state"] == "SUCCEEDED"
+    if run.data.tags["git_sha"] != "unknown":
+        assert run.data.tags["mlflow.source.git.commit"] == run.data.tags["git_sha"]
+    assert {"notes_train", "notes_test", "pairs_test"} <= {
+        d.dataset.name for d in run.inputs.dataset_inputs}
+    linked = {m.key: m.value for m in client.get_logged_model(
+        version.source.removeprefix("models:/")).metrics}
+    assert linked["R_at_10"] == pytest.approx(metrics["R@10"])
+
+
 def serving_request(notes):
     """A request for the registered pyfunc from canonical notes: the fields, topics joined,
     and each image's bytes (the server reads no paths)."""

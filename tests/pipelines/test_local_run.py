@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from components.common.tracking import step_runs
 from pipelines.cli import main
 from pipelines.local import PipelineFailed, run_local
-from tests.conftest import serving_request
+from tests.conftest import assert_tracked_run, serving_request
 
 pytestmark = pytest.mark.slow
 # the test demo holds ~20 test queries: below the production evidence floor
@@ -47,15 +47,7 @@ def test_pipeline_runs_end_to_end(demo_pipeline, demo_dir):
     assert run.data.metrics["R_at_10"] == pytest.approx(m["R@10"])
     assert run.data.params["train.max_steps"] == "15" and run.data.params["data.layout"]
     assert run.data.tags["kfp_run_id"] and run.data.tags["image"] and run.data.tags["git_sha"]
-    assert run.info.status == "FINISHED" and run.data.tags["kfp_final_state"] == "SUCCEEDED"
-    if run.data.tags["git_sha"] != "unknown":
-        assert run.data.tags["mlflow.source.git.commit"] == run.data.tags["git_sha"]
-    assert {"notes_train", "notes_test", "pairs_test"} <= {
-        d.dataset.name for d in run.inputs.dataset_inputs}
-    # the evaluation is linked to the registered logged model
-    linked = {m.key: m.value for m in client.get_logged_model(
-        version.source.removeprefix("models:/")).metrics}
-    assert linked["R_at_10"] == pytest.approx(m["R@10"])
+    assert_tracked_run(client, version, m)
     # what the KFP UI shows: reports with the charts embedded, the train task's metrics
     import glob
 

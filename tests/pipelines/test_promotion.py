@@ -13,7 +13,7 @@ from components.common.config import RegisterConfig
 from components.register.promote import decide
 from pipelines.cli import main
 from pipelines.local import run_local
-from tests.conftest import mlflow_server, serving_request
+from tests.conftest import assert_tracked_run, mlflow_server, serving_request
 
 pytestmark = pytest.mark.slow
 # the test demo holds ~20 test queries: below the production evidence floor
@@ -37,15 +37,7 @@ def test_promotion_workflow(server, demo_dir, tmp_path, monkeypatch):
     assert "champion/R@10" not in first.metrics
     # the MLflow side, on the real server: the pipeline run was closed by the exit handler,
     # carries the commit and its data sets, and the logged model holds the evaluation
-    run = client.get_run(client.get_model_version("notellm2", v1.version).run_id)
-    assert run.info.status == "FINISHED" and run.data.tags["kfp_final_state"] == "SUCCEEDED"
-    if run.data.tags["git_sha"] != "unknown":
-        assert run.data.tags["mlflow.source.git.commit"] == run.data.tags["git_sha"]
-    assert {"notes_train", "notes_test", "pairs_test"} <= {
-        d.dataset.name for d in run.inputs.dataset_inputs}
-    linked = {m.key: m.value for m in client.get_logged_model(
-        v1.source.removeprefix("models:/")).metrics}
-    assert linked["R_at_10"] == pytest.approx(first.metrics["R@10"])
+    assert_tracked_run(client, v1, first.metrics)
 
     # a deliberately worse challenger: one training step
     second = run_local(demo_dir, str(tmp_path / "second"),
