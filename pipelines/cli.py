@@ -109,10 +109,12 @@ def demo_cmd(work: str, notes: int, seed: int, overrides: tuple[str, ...]) -> No
               help="YAML file to write.")
 @click.option("--image", default=None, help="Component image (default: from the package "
               "version, or $NOTELLM2_IMAGE).")
-@click.option("--kubernetes/--no-kubernetes", default=True, show_default=True,
+@click.option("--kubernetes/--no-kubernetes", default=False, show_default=True,
               help="Add the kfp-kubernetes settings (MLflow/GCS Secrets, the notellm2-settings "
-              "ConfigMap, node selector and tolerations, in-memory /dev/shm for the train and "
-              "embed pods, image pull policy, task deadlines) as the YAML's second document.")
+              "ConfigMap with the MLflow URI, the node_selector and tolerations parameters, "
+              "in-memory /dev/shm for the train and embed pods, image pull policy, task "
+              "deadlines) as the YAML's second document: what a cluster wants, and what "
+              "`submit` uploads. Without it the file is one KFP IR document.")
 @click.option("--preset", default=None, help="Preset the compiled pipeline defaults to and sizes "
               "its train/embed CPU and memory parameters and deadlines for (default: tiny).")
 @click.option("--embed-parallelism", type=int, default=None,

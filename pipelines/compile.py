@@ -9,14 +9,14 @@ from components.common.image import ENV as IMAGE_ENV
 PIPELINES = ("train", "refresh")
 
 
-def compile_pipeline(output: str, image: str | None = None, kubernetes: bool = True,
+def compile_pipeline(output: str, image: str | None = None, kubernetes: bool = False,
                      preset: str | None = None, embed_parallelism: int | None = None,
                      pipeline: str = "train") -> str:
     """Write the pipeline YAML to ``output``; ``image`` overrides the component image.
-    ``kubernetes`` (default) adds the kfp-kubernetes platform spec (Secrets, the settings
-    ConfigMap, node selector, tolerations, /dev/shm, image pull policy, deadlines) as a second
-    YAML document; without it the file is one KFP IR document, and the ``node_selector`` and
-    ``tolerations`` parameters do nothing. ``preset``: the default of the ``preset`` parameter
+    ``kubernetes`` adds the kfp-kubernetes platform spec (Secrets, the settings ConfigMap,
+    node selector, tolerations, /dev/shm, image pull policy, deadlines) as a second YAML
+    document; without it (the default) the file is one KFP IR document and has no
+    ``node_selector`` or ``tolerations`` parameters. ``preset``: the default of the ``preset`` parameter
     and the sizes (``pipelines/resources.py``) the resource parameters default to;
     ``embed_parallelism``: at most this many embed shards at once. ``pipeline``: ``train`` (the
     training pipeline) or ``refresh`` (the index refresh, :mod:`pipelines.refresh`)."""

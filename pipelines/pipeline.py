@@ -74,6 +74,31 @@ def _platform(task: PipelineTask, *, node_selector=None, tolerations=None,
     return task
 
 
+# parameters that only the kfp-kubernetes platform spec uses: a pipeline compiled without it
+# does not offer them (a parameter in the run form that does nothing would mislead)
+PLACEMENT = ("node_selector", "tolerations")
+
+
+def _without(func, names: tuple[str, ...]):
+    """``func`` as KFP sees it without the trailing parameters ``names``: KFP reads the
+    signature and calls the function positionally, so the omitted ones keep their defaults."""
+    import functools
+    import inspect
+
+    sig = inspect.signature(func)
+    params = list(sig.parameters.values())
+    assert [p.name for p in params[-len(names):]] == list(names), "placement params must be last"
+
+    @functools.wraps(func)
+    def wrapper(*args):
+        return func(*args)
+
+    wrapper.__signature__ = sig.replace(parameters=params[:-len(names)])
+    wrapper.__doc__ = "\n".join(line for line in (func.__doc__ or "").splitlines()
+                                if not line.strip().startswith(tuple(f"{n}:" for n in names)))
+    return wrapper
+
+
 def _size(task: PipelineTask, cpu, memory) -> PipelineTask:
     return (task.set_cpu_request(cpu).set_cpu_limit(cpu)
             .set_memory_request(memory).set_memory_limit(memory))
@@ -117,9 +142,6 @@ def make_pipeline(*, resources: bool = True, kubernetes_settings: bool = True,
             task.set_accelerator_type(accelerator_type).set_accelerator_limit(count)
         return task
 
-    @dsl.pipeline(name=PIPELINE_NAME, description=(
-        "Train NoteLLM-2 multimodal note representations, embed and index the notes, evaluate "
-        "R@K by the reference protocol and register the model in MLflow with alias 'challenger'."))
     def notellm2_pipeline(
         data_uri: str,
         preset: str = sizing,
@@ -165,8 +187,8 @@ def make_pipeline(*, resources: bool = True, kubernetes_settings: bool = True,
             train_memory: Memory request and limit of the train task, e.g. 64Gi.
             embed_cpu: CPU request and limit of each embed shard task and of evaluate.
             embed_memory: Memory request and limit of each embed shard task and of evaluate (it embeds the test notes with the champion).
-            node_selector: (ignored when compiled with --no-kubernetes) Node labels the train and embed pods must match, e.g. {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}.
-            tolerations: (ignored when compiled with --no-kubernetes) Tolerations of the train and embed pods, e.g. [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}].
+            node_selector: Node labels the train and embed pods must match, e.g. {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}.
+            tolerations: Tolerations of the train and embed pods, e.g. [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}].
         """
         fin = finish_run(mlflow_tracking_uri=mlflow_tracking_uri,
                          mlflow_experiment=mlflow_experiment,
@@ -247,7 +269,10 @@ def make_pipeline(*, resources: bool = True, kubernetes_settings: bool = True,
                 cluster(task, step)
                 place(task, timeout_s=steps[step].timeout_s)
 
-    return notellm2_pipeline
+    return dsl.pipeline(name=PIPELINE_NAME, description=(
+        "Train NoteLLM-2 multimodal note representations, embed and index the notes, evaluate "
+        "R@K by the reference protocol and register the model in MLflow with alias 'challenger'.")
+    )(notellm2_pipeline if kubernetes_settings else _without(notellm2_pipeline, PLACEMENT))
 
 
 notellm2_pipeline = make_pipeline()

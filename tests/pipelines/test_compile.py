@@ -52,11 +52,11 @@ def structure(spec: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    """The pipeline as `notellm2 compile --image …` writes it (kfp-kubernetes settings
-    included, the default): (IR, platform spec), compiled once for the tests below."""
+    """The pipeline as `notellm2 compile --kubernetes --image …` writes it for a cluster (what
+    `submit` uploads): (IR, platform spec), compiled once for the tests below."""
     out = tmp_path_factory.mktemp("compile") / "pipeline.yaml"
-    result = CliRunner().invoke(main, ["compile", "--output", str(out), "--image",
-                                       "registry.example/notellm2:1.2.3"])
+    result = CliRunner().invoke(main, ["compile", "--kubernetes", "--output", str(out),
+                                       "--image", "registry.example/notellm2:1.2.3"])
     assert result.exit_code == 0, result.output
     spec, platform = yaml.safe_load_all(out.read_text())
     return out, spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
@@ -254,3 +254,17 @@ def test_a_known_kfp_ui_reaches_the_ingest_task(tmp_path, monkeypatch):
             for name, ex in spec["deploymentSpec"]["executors"].items()}
     assert envs["exec-ingest"]["KFP_UI_URL"] == "https://kfp.example.com/pipeline"
     assert not any("KFP_UI_URL" in e for name, e in envs.items() if name != "exec-ingest")
+
+
+def test_plain_compile_is_one_ir_document_without_placement_parameters(tmp_path):
+    """`notellm2 compile` without --kubernetes: one KFP IR document (the outside contract:
+    what the KFP UI uploads), and no node_selector/tolerations parameters, which would do
+    nothing without the platform spec."""
+    out = tmp_path / "p.yaml"
+    result = CliRunner().invoke(main, ["compile", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    spec = yaml.safe_load(out.read_text())  # a second document would raise here
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert "root" in spec and "deploymentSpec" in spec
+    assert not {"node_selector", "tolerations"} & set(params)
+    assert "data_uri" in params and "train_steps" in params
