@@ -430,6 +430,25 @@ def mine_pairs_files(paths: Sequence[str], cfg: MineConfig, partitions: int = 16
     return partial.select(cfg)[0]  # sums across buckets
 
 
+# -- the same scoring as SQL, for a warehouse engine -------------------------------------------
+
+
+def warehouse_sql(cfg: MineConfig, events: str = "events") -> str:
+    """pairs.sql rendered for ``cfg``: the pairs of :func:`mine_pairs` from the table or view
+    ``events`` (user_id, note_id, event, t as epoch microseconds). Scores may differ from the
+    Python engine's in the last bit (another summing order)."""
+    with open(os.path.join(os.path.dirname(__file__), "pairs.sql"), encoding="utf-8") as f:
+        template = f.read()
+    # comments out (they may hold braces); no string literal in it holds "--"
+    sql = "\n".join(line.split("--")[0].rstrip() for line in template.splitlines())
+    sql = "\n".join(line for line in sql.splitlines() if line)
+    return sql.format(events=events, window_us=round(cfg.window_s * 1e6),
+                      symmetric="TRUE" if cfg.symmetric else "FALSE", min_users=cfg.min_users,
+                      min_users_coverage=repr(float(MIN_USERS_COVERAGE)),
+                      min_score_quantile=repr(float(cfg.min_score_quantile)),
+                      max_score_quantile=repr(float(cfg.max_score_quantile)), top_k=cfg.top_k)
+
+
 # -- splits --------------------------------------------------------------------------------------
 
 

@@ -531,3 +531,30 @@ def test_jsonl_events_stream_too(tmp_path):
     buckets = run(path, str(tmp_path / "b"), replace(cfg, in_memory_max_events=500))
     assert buckets["engine"]["name"] == "buckets" and buckets["pairs"] == memory["pairs"]
     assert buckets["events"] == memory["events"]
+
+
+# -- the warehouse SQL (components/mine_pairs/pairs.sql) ------------------------------------------
+
+
+@pytest.mark.parametrize("symmetric,min_users,top_k,quantiles", [
+    (True, 1, 2, (0.0, 1.0)), (False, 1, 2, (0.0, 1.0)), (True, 2, 3, (0.0, 1.0)),
+    (False, 3, 10**6, (0.0, 1.0)), (True, 1, 10**6, (0.2, 0.9)), (True, 9, 2, (0.0, 1.0))])
+@pytest.mark.parametrize("seed", [0, 5])
+def test_warehouse_sql_on_duckdb_gives_the_python_pairs(seed, symmetric, min_users, top_k,
+                                                        quantiles):
+    duckdb = pytest.importorskip("duckdb")
+    from components.mine_pairs.run import warehouse_sql
+
+    events = pd.concat([_random_log(seed), _random_log(seed + 1).assign(
+        user_id=lambda d: d.user_id + "x"), HAND], ignore_index=True)
+    cfg = MineConfig(window_s=1800, symmetric=symmetric, min_users=min_users, top_k=top_k,
+                     min_score_quantile=quantiles[0], max_score_quantile=quantiles[1])
+    con = duckdb.connect()
+    con.register("raw", events)
+    con.execute("CREATE VIEW events AS SELECT user_id, note_id, event, epoch_us(ts) AS t FROM raw")
+    got = con.execute(warehouse_sql(cfg)).df()
+    expected = mine_pairs(events, cfg)
+    assert len(expected) > 3
+    assert list(got.columns) == ["query_id", "target_id", "score"]
+    pd.testing.assert_frame_equal(got, expected, check_exact=False, rtol=1e-12,
+                                  check_dtype=False)
