@@ -281,8 +281,9 @@ class MineConfig:
     seed: int = 0
     # above this many events (Parquet row counts from the file footer; CSV/JSONL: file size /
     # 48 bytes) the step streams the events into user buckets on local disk and scores one bucket
-    # at a time instead of reading them all; the in-memory engine peaks near 200 B/event
-    in_memory_max_events: int = 5_000_000
+    # at a time instead of reading them all; the in-memory step peaks near 550 B an event
+    # (0.73 GiB RSS at 1M events, tests/benchmarks/bench_mine_scale.py), so ~1.3 GiB at the limit
+    in_memory_max_events: int = 2_000_000
 
     def __post_init__(self) -> None:
         if self.in_memory_max_events < 1:
