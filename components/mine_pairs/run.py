@@ -390,10 +390,13 @@ def _bucket(paths: Sequence[str], tmp: str, partitions: int, batch_rows: int,
 
 
 class _Partial:
-    """Directed scores of disjoint user sets, summed at :meth:`select`; counts as in _mine."""
+    """Directed scores of disjoint user sets, summed at :meth:`select`; counts as in _mine.
+
+    Partial scores are kept as Arrow tables (note ids as Arrow strings, ~40 B a row where
+    Python string objects take ~150) and coded to global note ids with Arrow hashing."""
 
     def __init__(self) -> None:
-        self.frames: list[pd.DataFrame] = []
+        self.tables: list[pa.Table] = []
         self.counts = {"events": 0, "clicks": 0, "views": 0, "users": 0}
 
     def add(self, ev: pd.DataFrame, cfg: MineConfig) -> None:
@@ -401,15 +404,34 @@ class _Partial:
         for k, v in (("events", len(ev)), ("clicks", clicks), ("views", len(ev) - clicks),
                      ("users", int(ev["user_id"].nunique()))):
             self.counts[k] += v
-        if len(ev):
-            self.frames.append(_frame(*_score_codes(ev, cfg.window_s, _support(cfg))))
+        if not len(ev):
+            return
+        ids, a, b, score, users = _score_codes(ev, cfg.window_s, _support(cfg))
+        names = pa.array(ids.astype(str).to_numpy(object), pa.string())
+        cols = {"query_id": names.take(pa.array(a)), "target_id": names.take(pa.array(b)),
+                "score": pa.array(score, pa.float64())}
+        if users is not None:
+            cols["users"] = pa.array(users, pa.int64())
+        self.tables.append(pa.table(cols))
 
     def select(self, cfg: MineConfig) -> tuple[pd.DataFrame, dict]:
-        if not self.frames:
+        if not self.tables:
             pairs, stats = _mine(_prepare(pd.DataFrame(columns=EVENT_COLUMNS)), cfg)
         else:
-            pairs, stats = select_pairs(pd.concat(self.frames, ignore_index=True), cfg)
-        self.frames = []
+            table = pa.concat_tables(self.tables)
+            self.tables = []
+            q_ids, t_ids = table["query_id"], table["target_id"]
+            ids = pc.unique(pa.chunked_array(q_ids.chunks + t_ids.chunks, pa.string()))
+            ids = ids.take(pc.sort_indices(ids))  # UTF-8 byte order = code point order
+            a = pc.index_in(q_ids, value_set=ids).to_numpy().astype(np.int64)
+            b = pc.index_in(t_ids, value_set=ids).to_numpy().astype(np.int64)
+            score = table["score"].to_numpy()
+            users = table["users"].to_numpy() if "users" in table.column_names else None
+            del table, q_ids, t_ids
+            q, t, s, stats = _select_codes(a, b, score, len(ids), cfg, users)
+            pairs = pd.DataFrame({"query_id": ids.take(pa.array(q)).to_pandas(),
+                                  "target_id": ids.take(pa.array(t)).to_pandas(),
+                                  "score": s.astype(np.float64)})
         return pairs, {**self.counts, **{k: v for k, v in stats.items()
                                          if k not in self.counts}}
 
