@@ -113,8 +113,8 @@ def bench_scale(n: int, engines: tuple[str, ...] = ("in_memory", "buckets")) -> 
         runs = {e: measure(path, e) for e in engines}
     rows = []
     for e, r in runs.items():
-        same = "" if len(runs) < 2 else \
-            f", pairs same as the other engine: {len({json.dumps(x['pairs']) for x in runs.values()}) == 1}"
+        agree = len({json.dumps(x["pairs"]) for x in runs.values()}) == 1
+        same = "" if len(runs) < 2 else f", pairs same as the other engine: {agree}"
         rows.append((f"mine step ({e}), {n:,} events", f"{r['seconds']:.1f} s",
                      f"{r['peak_rss_gib']:.2f} GiB peak RSS", "",
                      f"pairs {r['pairs']}{same}; generated in {gen:.0f} s"))
