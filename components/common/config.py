@@ -279,8 +279,16 @@ class MineConfig:
     test_share: float = 0.2  # share of events (time split) or of notes (note split) for test
     val_share: float = 0.1  # share of the train pairs held out to watch the validation loss
     seed: int = 0
+    # above this many events (Parquet row counts from the file footer; CSV/JSONL: file size /
+    # 48 bytes) the step streams the events into user buckets on local disk and scores one bucket
+    # at a time instead of reading them all; the in-memory step peaks near 550 B an event
+    # (0.73 GiB RSS at 1M events, tests/benchmarks/bench_mine_scale.py), so ~1.3 GiB at the limit
+    in_memory_max_events: int = 2_000_000
 
     def __post_init__(self) -> None:
+        if self.in_memory_max_events < 1:
+            raise ValueError(f"in_memory_max_events must be at least 1, got "
+                             f"{self.in_memory_max_events}")
         if self.window_s <= 0:
             raise ValueError(f"window_s must be positive, got {self.window_s}")
         if not 0.0 <= self.min_score_quantile <= self.max_score_quantile <= 1.0:

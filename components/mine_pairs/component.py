@@ -22,7 +22,8 @@ def mine_pairs(canonical: Input[Dataset], preset: str, overrides: list, mlflow_t
         if done["status"] == "mined":
             split = done["split"]
             mlflow.log_params({"mine.split.method": split["method"],
-                               "mine.split.cutoff": str(split["cutoff"])})
+                               "mine.split.cutoff": str(split["cutoff"]),
+                               "mine.engine": done["engine"]["name"]})
             tracking.log_metrics({f"mine/pairs_{k}": v for k, v in done["pairs"].items()}
                                  | {f"mine/removed_{k}": v for k, v in split["removed"].items()})
     mined.metadata.update({"mining": done["status"]})

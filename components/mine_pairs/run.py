@@ -25,7 +25,10 @@ the step's stats record it (``min_users.applied``).
 The engine is NumPy: events are sorted by (user, time) once, each click finds its window of views
 with two binary searches and the (click, view) matches are expanded with ``np.repeat``; no Python
 loop touches events. ``tests/benchmarks/bench_mine_pairs.py`` measures it against a DuckDB range
-join. Logs larger than memory go through :func:`mine_pairs_files`, which buckets users by hash.
+join. Logs larger than memory go through :func:`mine_pairs_files`, which buckets users by hash;
+the step (:func:`run`, :func:`step`) takes that path by itself above ``mine.in_memory_max_events``
+(counted from the Parquet footer, or estimated from a CSV/JSONL file's size), with the same pairs.
+``pairs.sql`` is the same miner as one warehouse query (:func:`warehouse_sql`).
 """
 
 from __future__ import annotations
@@ -330,8 +333,110 @@ def _batches(path: str, rows: int) -> Iterator[pd.DataFrame]:
                                 read_options=pacsv.ReadOptions(block_size=64 << 20)) as reader:
                 for batch in reader:
                     yield batch.to_pandas()
+        elif path.endswith(".jsonl"):
+            import pyarrow.json as pajson
+
+            schema = pa.schema([(c, pa.string()) for c in EVENT_COLUMNS])
+            opts = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
+            with pajson.open_json(local, parse_options=opts,
+                                  read_options=pajson.ReadOptions(block_size=64 << 20)) as reader:
+                for batch in reader:
+                    yield batch.to_pandas()
         else:
-            raise DataError(f"{storage.basename(path)}: expected a .parquet or .csv event file")
+            raise DataError(f"{storage.basename(path)}: expected a .parquet, .csv or .jsonl "
+                            "event file")
+
+
+def _bucket(paths: Sequence[str], tmp: str, partitions: int, batch_rows: int,
+            keep_notes: Collection[str] | None = None, keep_times: bool = False) -> dict:
+    """Stream event files, ``batch_rows`` at a time, into ``partitions`` Parquet buckets under
+    ``tmp`` by a hash of user_id (so each user, and so N_u, lies whole in one bucket).
+
+    Rows naming a note outside ``keep_notes`` (when given) are dropped and counted. Returns
+    {"buckets": paths of the non-empty buckets, "read", "dropped", "times": the (n_kept,) int64
+    event times when ``keep_times`` (for the time split's cut-off), else None}.
+    """
+    writers: dict[int, pq.ParquetWriter] = {}
+    keep = None if keep_notes is None else pa.array(list(keep_notes), pa.string())
+    read = dropped = 0
+    times: list[np.ndarray] = []
+    try:
+        for path in paths:
+            row = 1
+            for batch in _batches(path, batch_rows):
+                ev = _prepare(batch, storage.basename(path), row)
+                row += len(batch)
+                read += len(ev)
+                ev["user_id"] = ev["user_id"].str.strip()  # as the in-memory reader does
+                ev["note_id"] = ev["note_id"].str.strip()
+                if keep is not None:
+                    known = pc.is_in(pa.array(ev["note_id"], pa.string()),
+                                     value_set=keep).to_numpy(zero_copy_only=False)
+                    dropped += int((~known).sum())
+                    ev = ev[known]
+                if keep_times:
+                    times.append(ev["t"].to_numpy(np.int64))
+                bucket = pd.util.hash_array(ev["user_id"].to_numpy(object)) % partitions
+                for p, part in ev.groupby(bucket, sort=False):
+                    table = pa.Table.from_pandas(part, preserve_index=False)
+                    if p not in writers:
+                        writers[p] = pq.ParquetWriter(os.path.join(tmp, f"{p}.parquet"),
+                                                      table.schema)
+                    writers[p].write_table(table)
+    finally:
+        for w in writers.values():
+            w.close()
+    return {"buckets": [os.path.join(tmp, f"{p}.parquet") for p in sorted(writers)],
+            "read": read, "dropped": dropped,
+            "times": np.concatenate(times) if times else (np.zeros(0, np.int64) if keep_times
+                                                          else None)}
+
+
+class _Partial:
+    """Directed scores of disjoint user sets, summed at :meth:`select`; counts as in _mine.
+
+    Partial scores are kept as Arrow tables (note ids as Arrow strings, ~40 B a row where
+    Python string objects take ~150) and coded to global note ids with Arrow hashing."""
+
+    def __init__(self) -> None:
+        self.tables: list[pa.Table] = []
+        self.counts = {"events": 0, "clicks": 0, "views": 0, "users": 0}
+
+    def add(self, ev: pd.DataFrame, cfg: MineConfig) -> None:
+        clicks = int(ev["click"].sum())
+        for k, v in (("events", len(ev)), ("clicks", clicks), ("views", len(ev) - clicks),
+                     ("users", int(ev["user_id"].nunique()))):
+            self.counts[k] += v
+        if not len(ev):
+            return
+        ids, a, b, score, users = _score_codes(ev, cfg.window_s, _support(cfg))
+        names = pa.array(ids.astype(str).to_numpy(object), pa.string())
+        cols = {"query_id": names.take(pa.array(a)), "target_id": names.take(pa.array(b)),
+                "score": pa.array(score, pa.float64())}
+        if users is not None:
+            cols["users"] = pa.array(users, pa.int64())
+        self.tables.append(pa.table(cols))
+
+    def select(self, cfg: MineConfig) -> tuple[pd.DataFrame, dict]:
+        if not self.tables:
+            pairs, stats = _mine(_prepare(pd.DataFrame(columns=EVENT_COLUMNS)), cfg)
+        else:
+            table = pa.concat_tables(self.tables)
+            self.tables = []
+            q_ids, t_ids = table["query_id"], table["target_id"]
+            ids = pc.unique(pa.chunked_array(q_ids.chunks + t_ids.chunks, pa.string()))
+            ids = ids.take(pc.sort_indices(ids))  # UTF-8 byte order = code point order
+            a = pc.index_in(q_ids, value_set=ids).to_numpy().astype(np.int64)
+            b = pc.index_in(t_ids, value_set=ids).to_numpy().astype(np.int64)
+            score = table["score"].to_numpy()
+            users = table["users"].to_numpy() if "users" in table.column_names else None
+            del table, q_ids, t_ids
+            q, t, s, stats = _select_codes(a, b, score, len(ids), cfg, users)
+            pairs = pd.DataFrame({"query_id": ids.take(pa.array(q)).to_pandas(),
+                                  "target_id": ids.take(pa.array(t)).to_pandas(),
+                                  "score": s.astype(np.float64)})
+        return pairs, {**self.counts, **{k: v for k, v in stats.items()
+                                         if k not in self.counts}}
 
 
 def mine_pairs_files(paths: Sequence[str], cfg: MineConfig, partitions: int = 16,
@@ -344,29 +449,29 @@ def mine_pairs_files(paths: Sequence[str], cfg: MineConfig, partitions: int = 16
     are summed before selection. Peak memory is about one bucket plus the directed pair table.
     """
     with tempfile.TemporaryDirectory(prefix="mine-pairs-") as tmp:
-        writers: dict[int, pq.ParquetWriter] = {}
-        try:
-            for path in paths:
-                row = 1
-                for batch in _batches(path, batch_rows):
-                    ev = _prepare(batch, storage.basename(path), row)
-                    row += len(batch)
-                    bucket = pd.util.hash_array(ev["user_id"].to_numpy(object)) % partitions
-                    for p, part in ev.groupby(bucket, sort=False):
-                        table = pa.Table.from_pandas(part, preserve_index=False)
-                        if p not in writers:
-                            writers[p] = pq.ParquetWriter(os.path.join(tmp, f"{p}.parquet"),
-                                                          table.schema)
-                        writers[p].write_table(table)
-        finally:
-            for w in writers.values():
-                w.close()
-        partial = [_frame(*_score_codes(pq.read_table(os.path.join(tmp, f"{p}.parquet"))
-                                        .to_pandas(), cfg.window_s, _support(cfg)))
-                   for p in sorted(writers)]
-    if not partial:
-        return mine_pairs(pd.DataFrame(columns=EVENT_COLUMNS), cfg)
-    return select_pairs(pd.concat(partial, ignore_index=True), cfg)[0]  # sums across buckets
+        partial = _Partial()
+        for bucket in _bucket(paths, tmp, partitions, batch_rows)["buckets"]:
+            partial.add(pq.read_table(bucket).to_pandas(), cfg)
+    return partial.select(cfg)[0]  # sums across buckets
+
+
+# -- the same scoring as SQL, for a warehouse engine -------------------------------------------
+
+
+def warehouse_sql(cfg: MineConfig, events: str = "events") -> str:
+    """pairs.sql rendered for ``cfg``: the pairs of :func:`mine_pairs` from the table or view
+    ``events`` (user_id, note_id, event, t as epoch microseconds). Scores may differ from the
+    Python engine's in the last bit (another summing order)."""
+    with open(os.path.join(os.path.dirname(__file__), "pairs.sql"), encoding="utf-8") as f:
+        template = f.read()
+    # comments out (they may hold braces); no string literal in it holds "--"
+    sql = "\n".join(line.split("--")[0].rstrip() for line in template.splitlines())
+    sql = "\n".join(line for line in sql.splitlines() if line)
+    return sql.format(events=events, window_us=round(cfg.window_s * 1e6),
+                      symmetric="TRUE" if cfg.symmetric else "FALSE", min_users=cfg.min_users,
+                      min_users_coverage=repr(float(MIN_USERS_COVERAGE)),
+                      min_score_quantile=repr(float(cfg.min_score_quantile)),
+                      max_score_quantile=repr(float(cfg.max_score_quantile)), top_k=cfg.top_k)
 
 
 # -- splits --------------------------------------------------------------------------------------
@@ -449,6 +554,13 @@ def split_pairs(pairs: pd.DataFrame | None, events: pd.DataFrame, cfg: MineConfi
         train, test, info["removed"]["test_mixed"] = _hold_out(pairs, cfg.test_share, rng)
     else:
         train, test = pairs, empty
+    return _finish_split(train, test, info, rng, cfg)
+
+
+def _finish_split(train: pd.DataFrame, test: pd.DataFrame, info: dict, rng: np.random.Generator,
+                  cfg: MineConfig) -> tuple[dict[str, pd.DataFrame], dict]:
+    """The tail of :func:`split_pairs` once train and test pairs are known: drop train pairs
+    touching a test note, hold out val, assert no leak, count."""
     in_q, in_t = _touching(train, _notes(test))
     info["removed"]["train_touching_test"] = int((in_q | in_t).sum())
     train = train[~(in_q | in_t)].reset_index(drop=True)
@@ -483,6 +595,69 @@ def run(events_uri: str, out_dir: str, cfg: MineConfig,
     return _mine_file(events_uri, out_dir, cfg, notes_ids)[0]
 
 
+# a CSV/JSONL event row is at least this long ("u1,n1,view,2024-05-01T12:00:00Z" is 33 bytes;
+# real ids and offsets make it longer), so size / this over-counts rows: the safe side
+_MIN_ROW_BYTES = 48
+
+
+def count_events(uri: str, ext: str) -> int:
+    """Events in a file, without reading the data: Parquet's footer row count; for CSV/JSONL the
+    file size over ``_MIN_ROW_BYTES`` (an over-estimate)."""
+    if ext == "parquet":
+        with storage.local_copy(uri) as local:
+            return pq.ParquetFile(local).metadata.num_rows
+    if storage.is_gcs(uri):
+        blob = storage._bucket_blob(uri)
+        blob.reload()
+        size = int(blob.size)
+    else:
+        size = os.path.getsize(uri)
+    return -(-size // _MIN_ROW_BYTES)
+
+
+def _mine_streamed(events_uri: str, n_events: int, cfg: MineConfig,
+                   notes_ids: Collection[str] | None, batch_rows: int = 1 << 20
+                   ) -> tuple[dict[str, pd.DataFrame], dict, int, int]:
+    """:func:`split_pairs` of :func:`mine_pairs` without holding the events: they stream into
+    user buckets on local disk (each about half ``cfg.in_memory_max_events``), each bucket is
+    scored alone and the partial scores summed, as in :func:`mine_pairs_files`. The time split's
+    cut-off is computed from the event times alone (8 bytes an event). Returns (splits, info,
+    events read, events dropped); the same pairs and info as the in-memory path."""
+    partitions = max(2, -(-2 * n_events // cfg.in_memory_max_events))
+    rng = np.random.default_rng(cfg.seed)
+    info: dict = {"method": cfg.split, "cutoff": None, "removed": {}}
+    with tempfile.TemporaryDirectory(prefix="mine-pairs-") as tmp:
+        b = _bucket([events_uri], tmp, partitions, min(batch_rows, cfg.in_memory_max_events),
+                    notes_ids, keep_times=cfg.split == "time" and not cfg.test_after)
+        log.info("%d events in %d user buckets", b["read"] - b["dropped"], len(b["buckets"]))
+        cut = None
+        if cfg.split == "time":
+            times = b.pop("times")
+            cut = _cutoff(times if times is not None else np.zeros(0, np.int64), cfg)
+            del times
+        parts = {"before": _Partial(), "after": _Partial()} if cut is not None else \
+            {"all": _Partial()}
+        for bucket in b["buckets"]:
+            ev = pq.read_table(bucket).to_pandas()
+            if cut is None:
+                parts["all"].add(ev, cfg)
+            else:
+                after = ev["t"].to_numpy() >= cut.value
+                parts["before"].add(ev[~after], cfg)
+                parts["after"].add(ev[after], cfg)
+            del ev
+    if cut is not None:
+        train, info["mining_before"] = parts["before"].select(cfg)
+        test, info["mining_after"] = parts["after"].select(cfg)
+        info["cutoff"], info["events"] = cut.isoformat(), {
+            "before": info["mining_before"]["events"], "after": info["mining_after"]["events"]}
+        splits, info = _finish_split(train, test, info, rng, cfg)
+    else:
+        pairs = parts["all"].select(cfg)[0]
+        splits, info = split_pairs(pairs, pd.DataFrame(columns=EVENT_COLUMNS), cfg)
+    return splits, info, b["read"], b["dropped"]
+
+
 def _mine_file(events_uri: str, out_dir: str, cfg: MineConfig,
                notes_ids: Collection[str] | None) -> tuple[dict, dict[str, pd.DataFrame]]:
     """:func:`run`, also handing back the split frames it wrote."""
@@ -490,22 +665,34 @@ def _mine_file(events_uri: str, out_dir: str, cfg: MineConfig,
     ext = file.rsplit(".", 1)[-1] if "." in file else ""
     if ext not in ("parquet", "csv", "jsonl"):
         raise DataError(f"{file}: expected an events .parquet, .csv or .jsonl file")
-    events = _read_events(events_uri, ext)
-    log.info("read %d events from %s", len(events), events_uri)
-    n_read, dropped = len(events), 0
-    if notes_ids is not None:
-        known = events["note_id"].isin(list(notes_ids))
-        dropped = int((~known).sum())
-        events = events[known]
-        if dropped:
-            log.warning("%s: dropped %d event(s) naming notes not in the notes tables",
-                        file, dropped)
-    pairs = None if cfg.split == "time" else mine_pairs(events, cfg)
-    splits, info = split_pairs(pairs, events, cfg)
+    n_events = count_events(events_uri, ext)
+    engine = "in_memory" if n_events <= cfg.in_memory_max_events else "buckets"
+    log.info("%s: about %d events, mined %s (mine.in_memory_max_events=%d)", file, n_events,
+             "in memory" if engine == "in_memory" else "from user buckets on disk",
+             cfg.in_memory_max_events)
+    if engine == "in_memory":
+        events = _read_events(events_uri, ext)
+        log.info("read %d events from %s", len(events), events_uri)
+        n_read, dropped = len(events), 0
+        if notes_ids is not None:
+            known = events["note_id"].isin(list(notes_ids))
+            dropped = int((~known).sum())
+            events = events[known]
+        pairs = None if cfg.split == "time" else mine_pairs(events, cfg)
+        splits, info = split_pairs(pairs, events, cfg)
+        used = len(events)
+    else:
+        splits, info, n_read, dropped = _mine_streamed(events_uri, n_events, cfg, notes_ids)
+        used = n_read - dropped
+    if dropped:
+        log.warning("%s: dropped %d event(s) naming notes not in the notes tables",
+                    file, dropped)
     for name, frame in splits.items():
         write_table(frame[PAIR_COLUMNS], storage.join(out_dir, f"pairs_{name}.parquet"))
     summary = {"events_uri": events_uri, "config": asdict(cfg),
-               "events": {"read": n_read, "dropped_unknown_notes": dropped, "used": len(events)},
+               "events": {"read": n_read, "dropped_unknown_notes": dropped, "used": used},
+               "engine": {"name": engine, "events_estimated": n_events,
+                          "in_memory_max_events": cfg.in_memory_max_events},
                "split": info, "pairs": info["pairs"],
                "score_quantiles": {k: _quantiles(v["score"]) for k, v in splits.items()}}
     storage.write_text(storage.join(out_dir, "mining.json"), json.dumps(summary, indent=2))

@@ -5,6 +5,7 @@
   official CSV reader (notes/s)          vs  pandas.read_csv on the same file (no topic parsing)
   tiny-model encode (notes/s, CPU)       length-sorted vs unsorted batches, skewed lengths
   pair mining from events                 NumPy window search vs a DuckDB range join
+  pair mining step, 10M events (1M quick)  in-memory vs user-bucket engine: time, peak RSS
   FAISS index, 1M x 64-d clustered        default large-collection index vs IndexFlatIP
   tiny-model training (pairs/s, CPU)     2 DeepSpeed processes vs 1, one thread each
   embed fan-out (notes/s)                 2 shard processes vs 1
@@ -173,6 +174,9 @@ def main() -> None:
     from bench_mine_pairs import bench_mine
 
     rows += bench_mine(repeat, (20_000, 200_000) if args.quick else (200_000, 2_000_000))
+    from bench_mine_scale import bench_scale
+
+    rows += bench_scale(1_000_000 if args.quick else 10_000_000)  # single runs, time + peak RSS
     from bench_index import bench_index
 
     rows += bench_index(1, 100_000, 2_000) if args.quick else bench_index(repeat)
