@@ -66,17 +66,16 @@ def test_auto_rule():
 
 
 def test_auto_is_flat_up_to_flat_max_and_measured_above(clustered):
-    cfg = IndexConfig(flat_max=2_000, recall_queries=100, recall_k=20)
+    cfg = IndexConfig(flat_max=2_000, recall_queries=50, recall_k=10)
     _, small = build_index(clustered[:2_000], cfg, **QUIET)
     assert small["factory"] == "Flat" and "nlist" not in small and small["candidates"] == []
     assert "flat_max" in small["chosen"]["reason"]
 
-    _, large = build_index(clustered[:4_000], cfg, **QUIET)
+    _, large = build_index(clustered[:3_000], cfg, **QUIET)
     cands = large["candidates"]
     names = [c["factory"] for c in cands]
     assert names[0] == "Flat" and cands[0]["speed_vs_flat"] == 1.0 and cands[0]["recall"] == 1.0
     assert "HNSW32" in names and any(n.startswith("IVF") and n.endswith(",Flat") for n in names)
-    assert any(n.endswith("x4fs,RFlat") for n in names)
     reached = [c for c in cands if c["reached_target"]]
     best = max(reached, key=lambda c: c["queries_per_second"])
     assert large["chosen"]["fastest_on_sample"] == best["factory"]
@@ -87,7 +86,7 @@ def test_auto_is_flat_up_to_flat_max_and_measured_above(clustered):
     assert all(c["build_seconds"] >= 0 and c["bytes_per_vector"] > 0 for c in cands
                if "error" not in c)
     assert "held-out" in large["chosen"]["query_source"] and large["factory_config"] == "auto"
-    assert large["chosen"]["queries"] == 100 and large["chosen"]["sample"] == 3_800
+    assert large["chosen"]["queries"] == 50 and large["chosen"]["sample"] == 2_900
 
 
 def test_auto_falls_back_to_flat_when_slower_than_exact_over_all(monkeypatch, clustered):
