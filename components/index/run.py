@@ -9,13 +9,28 @@ Writes to the output folder
 
 and :func:`load_index` reads them back with the recorded search parameters applied.
 
-The factory string comes from ``IndexConfig.factory``; ``"auto"`` is exact ``Flat`` up to
-``flat_max`` vectors and ``IVF{nlist},Flat`` above, nlist the power of two nearest 4·√N. The
-number of lists searched (``nprobe``; ``efSearch`` for HNSW) is, unless fixed in the config, the
-smallest on a ladder whose recall@K vs exact search, on a sample of collection vectors used as
-queries, reaches ``target_recall``; the recall stored is then measured on a second, disjoint
-sample, so it is not the number the ladder stopped at. ``tests/benchmarks/bench_index.py`` holds
-the measurements behind these choices.
+The factory string comes from ``IndexConfig.factory``: an explicit string is built as given.
+``"auto"`` is exact ``Flat`` up to ``flat_max`` vectors; above it, on the CPU, the index is chosen
+by measurement (:func:`select_factory`): each candidate of :func:`candidate_factories` (Flat,
+``IVF{n},Flat`` at ½, 1 and 2× the power of two nearest 4·√N lists, ``HNSW32``, and
+``IVF{n},PQ{d/2}x4fs,RFlat``, fast-scan codes with exact re-ranking of k·8 candidates) is built on
+a random sample of ``select_sample`` vectors, its knob tuned to ``target_recall`` on held-out
+vectors used as queries (not in the sample: fresh queries), and its recall and queries/s measured
+on a second held-out set; the fastest that reaches the target wins. Flat is a candidate, so the
+choice is never slower than exact search on the sample; the sample keeps IVF list sizes, so the
+IVF/Flat speed ratio carries over to N roughly unchanged (both scale linearly), while HNSW's
+improves with N (~log N). The winner is then built on all vectors, its knob re-tuned there, and
+timed against exact search on the check queries over all vectors: slower, and Flat replaces it.
+On GPUs, ``"auto"`` keeps the rule ``IVF{nlist},Flat`` (the candidates are CPU measurements; HNSW
+and fast-scan have no GPU version). ``index.json`` records ``candidates`` (factory, recall,
+queries/s, speed vs Flat, build seconds, bytes per vector on the sample) and ``chosen`` (factory,
+reason, sample size, speed vs exact over all vectors).
+
+The number of lists searched (``nprobe``; ``efSearch`` for HNSW) is, unless fixed in the config,
+the smallest on a ladder whose recall@K vs exact search, on a sample of collection vectors used
+as queries (leave-one-out), reaches ``target_recall``; the recall stored is then measured on a
+second, disjoint sample, so it is not the number the ladder stopped at.
+``tests/benchmarks/bench_index.py`` holds the measurements behind these choices.
 
 Vectors must already be unit length (the embed step normalises them), so that inner product is
 the cosine that exact search over the same embeddings uses. Vectors off by more than 1e-3 are an

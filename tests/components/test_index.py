@@ -79,7 +79,7 @@ def test_auto_is_flat_up_to_flat_max_and_measured_above(clustered):
     reached = [c for c in cands if c["reached_target"]]
     best = max(reached, key=lambda c: c["queries_per_second"])
     assert large["chosen"]["fastest_on_sample"] == best["factory"]
-    # the full-collection re-check keeps it, or replaces it by Flat when it searches slower there
+    # the re-check over all vectors keeps it, or replaces it by Flat when it searches slower there
     assert large["factory"] == best["factory"] == large["chosen"]["factory"] or (
         large["factory"] == "Flat" and large["chosen"]["speed_vs_exact_full"] < 1.0)
     assert best["queries_per_second"] >= cands[0]["queries_per_second"]  # never below Flat
