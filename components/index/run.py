@@ -621,4 +621,5 @@ def run(embeddings_dir: str, out_dir: str, cfg: IndexConfig, *, progress: bool =
              "%.1f bytes/vector", meta["factory"], meta["ntotal"], meta["device"],
              meta["build_seconds"], meta["recall_k"], meta["recall"],
              meta["search_params"] or "exact", meta["bytes_per_vector"])
+    log.info("index choice: %s (%s)", meta["chosen"]["factory"], meta["chosen"]["reason"])
     return meta
