@@ -185,11 +185,15 @@ class IndexConfig:
     Sizes are counts of vectors; the choices behind the defaults are measured in
     ``tests/benchmarks/bench_index.py``."""
 
-    # a FAISS index factory string ("Flat", "IVF2048,Flat", "HNSW32", ...) or "auto":
-    # exact "Flat" up to `flat_max` vectors, above it "IVF{nlist},Flat" with nlist the power of
-    # two nearest 4*sqrt(N) (and at most N/39, FAISS's floor of training points per list)
+    # a FAISS index factory string ("Flat", "IVF2048,Flat", "HNSW32", ...), used as given, or
+    # "auto": exact "Flat" up to `flat_max` vectors; above it, on the CPU, the fastest of
+    # measured candidates (Flat, IVF at three list counts, HNSW32, IVF fast-scan PQ with exact
+    # re-ranking) reaching `target_recall` on held-out queries over a sample of `select_sample`
+    # vectors (components/index/run.py, select_factory); on GPUs "IVF{nlist},Flat" with nlist
+    # the power of two nearest 4*sqrt(N) (and at most N/39, FAISS's floor per list)
     factory: str = "auto"
     flat_max: int = 200_000
+    select_sample: int = 200_000  # vectors the auto candidates are built and measured on
     # lists searched per query; 0 = the smallest on a ladder of +19 % steps (1, 2, 3, ..., 8, 10,
     # 11, 13, 16, ...) whose leave-one-out recall@recall_k vs exact search on a sample of
     # collection vectors reaches `target_recall` (HNSW indexes tune efSearch the same way)
@@ -211,9 +215,10 @@ class IndexConfig:
         if min(self.add_batch, self.recall_k, self.recall_queries) < 1:
             raise ValueError("index.add_batch, index.recall_k and index.recall_queries must be "
                              "at least 1")
-        if min(self.flat_max, self.nprobe, self.train_sample, self.expected_dim) < 0:
-            raise ValueError("index.flat_max, index.nprobe, index.train_sample and "
-                             "index.expected_dim must not be negative")
+        if min(self.flat_max, self.nprobe, self.train_sample, self.expected_dim,
+               self.select_sample) < 0:
+            raise ValueError("index.flat_max, index.nprobe, index.train_sample, "
+                             "index.expected_dim and index.select_sample must not be negative")
 
 
 @dataclass(frozen=True)

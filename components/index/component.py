@@ -20,5 +20,6 @@ def index(embeddings: Input[Dataset], preset: str, overrides: list, mlflow_track
         mlflow.log_params({"index.factory": meta["factory"],
                            "index.search_params": str(meta.get("search_params", {}))})
         tracking.log_numbers(meta, "index/")
+        tracking.log_numbers(meta.get("chosen", {}), "index/chosen/")  # sample, speed vs exact
         mlflow.log_dict(meta, "index/index.json")
     index.metadata.update(meta)

@@ -9,13 +9,28 @@ Writes to the output folder
 
 and :func:`load_index` reads them back with the recorded search parameters applied.
 
-The factory string comes from ``IndexConfig.factory``; ``"auto"`` is exact ``Flat`` up to
-``flat_max`` vectors and ``IVF{nlist},Flat`` above, nlist the power of two nearest 4·√N. The
-number of lists searched (``nprobe``; ``efSearch`` for HNSW) is, unless fixed in the config, the
-smallest on a ladder whose recall@K vs exact search, on a sample of collection vectors used as
-queries, reaches ``target_recall``; the recall stored is then measured on a second, disjoint
-sample, so it is not the number the ladder stopped at. ``tests/benchmarks/bench_index.py`` holds
-the measurements behind these choices.
+The factory string comes from ``IndexConfig.factory``: an explicit string is built as given.
+``"auto"`` is exact ``Flat`` up to ``flat_max`` vectors; above it, on the CPU, the index is chosen
+by measurement (:func:`select_factory`): each candidate of :func:`candidate_factories` (Flat,
+``IVF{n},Flat`` at ½, 1 and 2× the power of two nearest 4·√N lists, ``HNSW32``, and
+``IVF{n},PQ{d/2}x4fs,RFlat``, fast-scan codes with exact re-ranking of k·8 candidates) is built on
+a random sample of ``select_sample`` vectors, its knob tuned to ``target_recall`` on held-out
+vectors used as queries (not in the sample: fresh queries), and its recall and queries/s measured
+on a second held-out set; the fastest that reaches the target wins. Flat is a candidate, so the
+choice is never slower than exact search on the sample; the sample keeps IVF list sizes, so the
+IVF/Flat speed ratio carries over to N roughly unchanged (both scale linearly), while HNSW's
+improves with N (~log N). The winner is then built on all vectors, its knob re-tuned there, and
+timed against exact search on the check queries over all vectors: slower, and Flat replaces it.
+On GPUs, ``"auto"`` keeps the rule ``IVF{nlist},Flat`` (the candidates are CPU measurements; HNSW
+and fast-scan have no GPU version). ``index.json`` records ``candidates`` (factory, recall,
+queries/s, speed vs Flat, build seconds, bytes per vector on the sample) and ``chosen`` (factory,
+reason, sample size, speed vs exact over all vectors).
+
+The number of lists searched (``nprobe``; ``efSearch`` for HNSW) is, unless fixed in the config,
+the smallest on a ladder whose recall@K vs exact search, on a sample of collection vectors used
+as queries (leave-one-out), reaches ``target_recall``; the recall stored is then measured on a
+second, disjoint sample, so it is not the number the ladder stopped at.
+``tests/benchmarks/bench_index.py`` holds the measurements behind these choices.
 
 Vectors must already be unit length (the embed step normalises them), so that inner product is
 the cosine that exact search over the same embeddings uses. Vectors off by more than 1e-3 are an
@@ -250,44 +265,274 @@ def _train(cpu, vectors: np.ndarray, size: int, ngpu: int, rng: np.random.Genera
         ivf.clustering_index = None  # the GPU copies go with `clustering`
 
 
+# -- choosing by measurement ------------------------------------------------------------------
+
+K_FACTOR_RF = 8  # re-ranked candidates per result for ",RFlat" indexes: k·8 exact inner products
+SELECT_REPEAT = 3  # timed searches per candidate; the fastest counts (others' load only slows)
+PQ_MIN_SAMPLE = 20_000
+GIVE_UP = 1.5  # a tuning step this many times slower than Flat's best ends the candidate's tuning
+
+
+def _pow2(x: float) -> int:
+    return 2 ** max(0, round(math.log2(max(1.0, x))))
+
+
+def candidate_factories(n: int, d: int, sample: int) -> list[tuple[str, str]]:
+    """(factory over the ``sample``-vector measurement set, factory over all ``n``) pairs.
+
+    IVF list counts are half, once and twice :func:`auto_nlist` (n); on the sample the count is
+    scaled by sample/n so that lists hold as many vectors as they will in the full index, and
+    the share of lists searched (nprobe/nlist), which sets both recall and the speed ratio to
+    Flat, carries over. Fast-scan PQ is measured from :data:`PQ_MIN_SAMPLE` sample vectors on:
+    its codebooks take seconds to train, and below that Flat or IVF,Flat win anyway."""
+    out = [("Flat", "Flat")]
+    base = auto_nlist(n)
+    for full in sorted({max(1, base // 2), base, base * 2}):
+        small = _pow2(full * sample / n)
+        if n >= 39 * full and sample >= 39 * small and small > 1:
+            out.append((f"IVF{small},Flat", f"IVF{full},Flat"))
+    out.append(("HNSW32", "HNSW32"))
+    small = _pow2(base * sample / n)
+    if d % 2 == 0 and sample >= PQ_MIN_SAMPLE and small > 1:
+        pq = f"PQ{d // 2}x4fs,RFlat"  # 4 bits per 2 dimensions, exact re-ranking of k·8
+        out.append((f"IVF{small},{pq}", f"IVF{base},{pq}"))
+    return out
+
+
+def _fixed_params(factory: str) -> dict:
+    return {"k_factor_rf": K_FACTOR_RF} if "RFlat" in factory else {}
+
+
+def _flat(vectors: np.ndarray):
+    import faiss
+
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(vectors)
+    return index
+
+
+class _HeldOutProbe:
+    """Exact neighbours of held-out queries (vectors that are not in the index measured)."""
+
+    def __init__(self, base: np.ndarray, queries: np.ndarray, k: int):
+        import faiss
+
+        self.base, self.queries, self.k = base, queries, k
+        self.scores, _ = faiss.knn(queries, base, k, metric=faiss.METRIC_INNER_PRODUCT)
+        self.seconds = 0.0  # of the last search
+
+    def recall(self, index) -> float:
+        t0 = time.perf_counter()
+        _, found = search(index, self.queries, self.k)
+        self.seconds = time.perf_counter() - t0
+        hits = 0
+        for i in range(len(self.queries)):
+            f = found[i][found[i] >= 0]
+            hits += int(np.sum(self.base[f] @ self.queries[i] >= self.scores[i, -1] - _SCORE_EPS))
+        return hits / (self.k * len(self.queries))
+
+    def qps(self, index) -> float:
+        best = math.inf
+        for _ in range(SELECT_REPEAT):
+            t0 = time.perf_counter()
+            search(index, self.queries, self.k)
+            best = min(best, time.perf_counter() - t0)
+        return len(self.queries) / best
+
+
+def _measure(factories: tuple[str, str], sample: np.ndarray, tune_probe: _HeldOutProbe,
+             check_probe: _HeldOutProbe, cfg: IndexConfig, flat_seconds: float,
+             rng: np.random.Generator) -> dict:
+    """Build one candidate on the sample, tune its knob on one set of held-out queries (given
+    up once a search is slower than Flat's on the same queries: it cannot win), then its recall
+    and queries/s on a second set."""
+    import faiss
+
+    small, full = factories
+    s, d = sample.shape
+    k = tune_probe.k
+    t0 = time.perf_counter()
+    index = faiss.index_factory(d, small, faiss.METRIC_INNER_PRODUCT)
+    knob, params = _search_knob(index)
+    if not index.is_trained:
+        _train(index, sample, train_size(cfg, s, params.get("nlist", 1)), 0, rng)
+    index.add(sample)
+    build_s = time.perf_counter() - t0
+    params = _fixed_params(small)
+    set_search_params(index, params)
+    reached, steps = True, []
+    if knob is not None:
+        lower = k if knob == "efSearch" else 1
+        upper = max(lower, int(faiss.try_extract_index_ivf(index).nlist) if knob == "nprobe"
+                    else 4096)
+        reached = False
+        for v in sorted({lower, *(x for x in LADDER if lower < x < upper)}) + [upper]:
+            set_search_params(index, {knob: v})
+            r = tune_probe.recall(index)
+            steps.append({knob: v, "recall": round(r, 5)})
+            if r >= cfg.target_recall:
+                reached = True
+                break
+            if tune_probe.seconds > GIVE_UP * flat_seconds:
+                break  # already slower than exact search, and more lists/ef only slow it more
+        params[knob] = steps[-1][knob]
+        set_search_params(index, params)
+    return {
+        "factory": full, "measured_as": small, "search_params": params,
+        "reached_target": reached,
+        "recall": round(check_probe.recall(index), 5) if reached else steps[-1]["recall"],
+        "queries_per_second": round(check_probe.qps(index), 1) if reached else None,
+        "build_seconds": round(build_s, 3),
+        "bytes_per_vector": round(faiss.serialize_index(index).size / s, 2),
+        "tuning_steps": len(steps),
+    }
+
+
+def select_factory(vectors: np.ndarray, cfg: IndexConfig,
+                   rng: np.random.Generator) -> tuple[str, dict, list[dict]]:
+    """(factory for all of ``vectors``, the choice with its reason, the candidates measured).
+
+    Every candidate of :func:`candidate_factories` is built on a random sample of
+    ``cfg.select_sample`` vectors (all but the queries when N is smaller), its knob tuned to
+    ``cfg.target_recall`` on held-out queries (vectors left out of the sample: fresh queries,
+    not index rows), and its recall@k and queries/s measured at that setting on a second
+    held-out set. The fastest reaching the target wins; Flat reaches it by construction, so the
+    choice is never slower than exact search on the sample. Speed ratios measured on the sample
+    carry over to N roughly linearly for IVF (list sizes are kept) and favour HNSW at larger N
+    (its cost grows ~log N); :func:`build_index` re-checks the ratio on the full collection."""
+    n, d = vectors.shape
+    nq = max(1, min(cfg.recall_queries, n // 10))
+    k = max(1, min(cfg.recall_k, n - 2 * nq))
+    s = min(cfg.select_sample or n, n - 2 * nq)
+    perm = rng.permutation(n)
+    tune_q, check_q = vectors[np.sort(perm[:nq])], vectors[np.sort(perm[nq:2 * nq])]
+    sample = vectors[np.sort(perm[2 * nq:2 * nq + s])]
+    tune_probe = _HeldOutProbe(sample, tune_q, k)
+    check_probe = _HeldOutProbe(sample, check_q, k)
+    flat_seconds = len(tune_q) / tune_probe.qps(_flat(sample))
+    candidates = []
+    for pair in candidate_factories(n, d, s):
+        try:
+            c = _measure(pair, sample, tune_probe, check_probe, cfg, flat_seconds, rng)
+        except RuntimeError as e:  # a structure this FAISS build or shape cannot make
+            c = {"factory": pair[1], "measured_as": pair[0], "reached_target": False,
+                 "error": str(e).splitlines()[0][:200]}
+        candidates.append(c)
+        log.info("index candidate %s: %s", pair[0], c)
+    flat_qps = candidates[0]["queries_per_second"]
+    for c in candidates:
+        if c.get("queries_per_second"):
+            c["speed_vs_flat"] = round(c["queries_per_second"] / flat_qps, 3)
+    best = max((c for c in candidates if c["reached_target"]),
+               key=lambda c: c["queries_per_second"])
+    chosen = {
+        "factory": best["factory"], "fastest_on_sample": best["factory"],
+        "sample_search_params": best["search_params"],
+        "reason": f"fastest of {len(candidates)} candidates reaching recall@{k} >= "
+                  f"{cfg.target_recall} on {nq} held-out queries (vectors left out of a "
+                  f"{s:,}-vector sample): {best['queries_per_second']:,.0f} queries/s, "
+                  f"{best['speed_vs_flat']:.2f}x Flat",
+        "sample": s, "queries": nq, "recall_k": k,
+        "query_source": "held-out collection vectors, not in the measured index",
+    }
+    return best["factory"], chosen, candidates
+
+
 def _tune_and_check(index, vectors: np.ndarray, cfg: IndexConfig, knob: str | None,
-                    params: dict, ngpu: int, rng: np.random.Generator):
-    """(search params, tuning curve, recall@k on the check sample, k, check queries).
+                    params: dict, ngpu: int, rng: np.random.Generator, fixed: dict | None = None):
+    """(search params, tuning curve, recall@k on the check sample, k, check queries, the check
+    probe with its timings).
 
     Leave-one-out queries from the collection: one sample tunes ``knob``, a disjoint one gives
-    the recall reported."""
+    the recall reported. ``fixed`` search parameters are set before tuning and kept."""
     n = len(vectors)
     k = min(cfg.recall_k, n - 1)
     if k < 1:
-        return {}, [], 1.0, 0, 0
+        return {}, [], 1.0, 0, 0, None
     tuned = knob is not None and not (knob == "nprobe" and cfg.nprobe)
     per = min(cfg.recall_queries, n // 2 if tuned else n)
     rows = rng.choice(n, size=per * (2 if tuned else 1), replace=False)
-    search_params: dict = {}
+    search_params: dict = dict(fixed or {})
     curve: list[dict] = []
+    set_search_params(index, search_params)
     if tuned:
         lower = k if knob == "efSearch" else 1  # HNSW searches max(efSearch, k) anyway
         upper = params["nlist"] if knob == "nprobe" else 4096
         upper = max(lower, min(upper, 2048) if ngpu else upper)  # GPU IVF: at most 2048 lists
         value, curve = tune(index, _RecallProbe(vectors, rows[:per], k), knob,
                             cfg.target_recall, upper=upper, lower=lower)
-        search_params = {knob: value}
+        search_params[knob] = value
     elif knob == "nprobe":
-        search_params = {"nprobe": min(cfg.nprobe, params["nlist"])}
+        search_params["nprobe"] = min(cfg.nprobe, params["nlist"])
     set_search_params(index, search_params)
-    return search_params, curve, _RecallProbe(vectors, rows[-per:], k).recall(index), k, per
+    check = _RecallProbe(vectors, rows[-per:], k)
+    return search_params, curve, check.recall(index), k, per, check
 
 
 def build_index(vectors: np.ndarray, cfg: IndexConfig, *, progress: bool = True):
-    """(CPU index with its search parameters set, metadata) for unit ``vectors`` (N, d)."""
+    """(CPU index with its search parameters set, metadata) for unit ``vectors`` (N, d).
+
+    ``factory="auto"`` on the CPU above ``flat_max``: the structure :func:`select_factory`
+    measures fastest at the target recall, built on all vectors and its knob re-tuned there;
+    when the full index then searches slower than exact search on the check queries it is
+    replaced by Flat. On GPUs, or at most ``flat_max`` vectors, :func:`resolve_factory`'s rule."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    n, d = vectors.shape
+    rng = np.random.default_rng(cfg.seed)
+    ngpu = gpus_to_use(cfg.use_gpu)
+    auto = cfg.factory.strip().lower() == "auto"
+    if not auto:
+        chosen, candidates = {"factory": cfg.factory.strip(), "reason": "index.factory"}, []
+    elif ngpu or n <= cfg.flat_max:
+        chosen = {"factory": resolve_factory(cfg.factory, n, cfg.flat_max), "reason":
+                  f"N <= index.flat_max ({cfg.flat_max:,}): exact search" if n <= cfg.flat_max
+                  else "GPU build: IVF{4*sqrt(N)},Flat by rule (candidates are measured on "
+                       "the CPU only)"}
+        candidates = []
+    else:
+        t0 = time.perf_counter()
+        _, chosen, candidates = select_factory(vectors, cfg, rng)
+        chosen["select_seconds"] = round(time.perf_counter() - t0, 3)
+    index, meta, check = _build(vectors, chosen["factory"], cfg, ngpu, rng, progress)
+    if candidates and meta["factory"] != "Flat" and check is not None:
+        ratio = _speed_vs_exact(index, check)
+        chosen["speed_vs_exact_full"] = round(ratio, 3)
+    if candidates and meta["factory"] != "Flat" and check is not None and ratio < 1.0:
+        log.warning("index %s searches at %.2fx exact search over all %d vectors: using Flat",
+                    meta["factory"], ratio, n)
+        chosen = {**chosen, "factory": "Flat", "reason": f"{chosen['factory']} was chosen on "
+                  f"the sample but searched at {ratio:.2f}x exact search over all vectors"}
+        index, meta, check = _build(vectors, "Flat", cfg, ngpu, rng, progress)
+    meta["factory_config"] = cfg.factory
+    meta["chosen"] = chosen
+    meta["candidates"] = candidates
+    return index, meta
+
+
+def _speed_vs_exact(index, check: _RecallProbe) -> float:
+    """Queries/s of ``index`` over those of exact search (``faiss.knn``, IndexFlatIP's kernel),
+    on the check queries over all vectors; best of :data:`SELECT_REPEAT` each."""
+    import faiss
+
+    q = check.vectors[check.rows]
+    t_index = t_exact = math.inf
+    for _ in range(SELECT_REPEAT):
+        t0 = time.perf_counter()
+        search(index, q, check.k + 1)
+        t_index = min(t_index, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        faiss.knn(q, check.vectors, check.k + 1, metric=faiss.METRIC_INNER_PRODUCT)
+        t_exact = min(t_exact, time.perf_counter() - t0)
+    return t_exact / t_index
+
+
+def _build(vectors: np.ndarray, factory: str, cfg: IndexConfig, ngpu: int,
+           rng: np.random.Generator, progress: bool):
+    """(index, metadata, the recall check probe) for ``factory`` over all vectors."""
     import faiss
     from tqdm.auto import tqdm
 
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     n, d = vectors.shape
-    factory = resolve_factory(cfg.factory, n, cfg.flat_max)
-    rng = np.random.default_rng(cfg.seed)
-    ngpu = gpus_to_use(cfg.use_gpu)
     cpu = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
     knob, params = _search_knob(cpu)
 
@@ -306,8 +551,9 @@ def build_index(vectors: np.ndarray, cfg: IndexConfig, *, progress: bool = True)
     add_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    search_params, curve, recall, k, nq = _tune_and_check(index, vectors, cfg, knob, params,
-                                                          ngpu, rng)
+    search_params, curve, recall, k, nq, check = _tune_and_check(
+        index, vectors, cfg, knob, params, ngpu, rng,
+        _fixed_params(factory) if cfg.factory.strip().lower() == "auto" else None)
     check_s = time.perf_counter() - t0
     if ngpu:
         index = faiss.index_gpu_to_cpu(index)
@@ -324,7 +570,7 @@ def build_index(vectors: np.ndarray, cfg: IndexConfig, *, progress: bool = True)
                          "nprobe/efSearch tuned on a disjoint sample",
         "device": "gpu" if ngpu else "cpu", "gpus": ngpu, "faiss_version": faiss.__version__,
     }
-    return index, meta
+    return index, meta, check
 
 
 # -- files -----------------------------------------------------------------------------------
@@ -375,4 +621,5 @@ def run(embeddings_dir: str, out_dir: str, cfg: IndexConfig, *, progress: bool =
              "%.1f bytes/vector", meta["factory"], meta["ntotal"], meta["device"],
              meta["build_seconds"], meta["recall_k"], meta["recall"],
              meta["search_params"] or "exact", meta["bytes_per_vector"])
+    log.info("index choice: %s (%s)", meta["chosen"]["factory"], meta["chosen"]["reason"])
     return meta

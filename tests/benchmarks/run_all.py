@@ -6,7 +6,7 @@
   tiny-model encode (notes/s, CPU)       length-sorted vs unsorted batches, skewed lengths
   pair mining from events                 NumPy window search vs a DuckDB range join
   pair mining step, 10M events (1M quick)  in-memory vs user-bucket engine: time, peak RSS
-  FAISS index, 1M x 64-d clustered        default large-collection index vs IndexFlatIP
+  FAISS index, 1M x 64-d, 2 collections   index chosen by measurement vs IndexFlatIP (well + weakly clustered)
   tiny-model training (pairs/s, CPU)     2 DeepSpeed processes vs 1, one thread each
   embed fan-out (notes/s)                 2 shard processes vs 1
   ZeRO-3 host memory (peak RSS per rank)  ZeRO-3 vs ZeRO-2, ~127M-param bf16 checkpoint, 2/4 procs

@@ -65,19 +65,53 @@ def test_auto_rule():
     assert resolve_factory(" IVF64,SQ8 ", 10, 5) == "IVF64,SQ8"  # explicit strings kept
 
 
-def test_auto_picks_flat_below_threshold_and_ivf_above(clustered):
-    cfg = IndexConfig(flat_max=5_000, recall_queries=200)
-    _, small = build_index(clustered[:5_000], cfg, **QUIET)
-    _, large = build_index(clustered, cfg, **QUIET)
-    assert small["factory"] == "Flat" and "nlist" not in small
-    assert large["factory"] == f"IVF{auto_nlist(12_000)},Flat" == "IVF256,Flat"
-    assert large["nlist"] == 256 and large["train_sample"] == 12_000
-    assert large["factory_config"] == "auto"
+def test_auto_is_flat_up_to_flat_max_and_measured_above(clustered):
+    cfg = IndexConfig(flat_max=2_000, recall_queries=50, recall_k=10)
+    _, small = build_index(clustered[:2_000], cfg, **QUIET)
+    assert small["factory"] == "Flat" and "nlist" not in small and small["candidates"] == []
+    assert "flat_max" in small["chosen"]["reason"]
+
+    _, large = build_index(clustered[:3_000], cfg, **QUIET)
+    cands = large["candidates"]
+    names = [c["factory"] for c in cands]
+    assert names[0] == "Flat" and cands[0]["speed_vs_flat"] == 1.0 and cands[0]["recall"] == 1.0
+    assert "HNSW32" in names and any(n.startswith("IVF") and n.endswith(",Flat") for n in names)
+    reached = [c for c in cands if c["reached_target"]]
+    best = max(reached, key=lambda c: c["queries_per_second"])
+    assert large["chosen"]["fastest_on_sample"] == best["factory"]
+    # the re-check over all vectors keeps it, or replaces it by Flat when it searches slower there
+    assert large["factory"] == best["factory"] == large["chosen"]["factory"] or (
+        large["factory"] == "Flat" and large["chosen"]["speed_vs_exact_full"] < 1.0)
+    assert best["queries_per_second"] >= cands[0]["queries_per_second"]  # never below Flat
+    assert all(c["build_seconds"] >= 0 and c["bytes_per_vector"] > 0 for c in cands
+               if "error" not in c)
+    assert "held-out" in large["chosen"]["query_source"] and large["factory_config"] == "auto"
+    assert large["chosen"]["queries"] == 50 and large["chosen"]["sample"] == 2_900
+
+
+def test_auto_falls_back_to_flat_when_slower_than_exact_over_all(monkeypatch, clustered):
+    monkeypatch.setattr(index_run, "candidate_factories",
+                        lambda n, d, s: [("Flat", "Flat"), ("IVF16,Flat", "IVF32,Flat")])
+    monkeypatch.setattr(index_run, "_speed_vs_exact", lambda index, check: 0.5)
+    cfg = IndexConfig(flat_max=1_000, recall_queries=50, recall_k=10, target_recall=0.5)
+    _, meta = build_index(clustered[:3_000], cfg, **QUIET)
+    if meta["candidates"][1]["queries_per_second"] > meta["candidates"][0]["queries_per_second"]:
+        assert meta["factory"] == "Flat" and "0.50x exact search" in meta["chosen"]["reason"]
+    assert meta["factory"] == "Flat" and meta["recall"] == 1.0
+
+
+def test_candidates_keep_list_sizes_on_the_sample():
+    pairs = dict(index_run.candidate_factories(1_000_000, 64, 200_000))
+    assert pairs["IVF1024,Flat"] == "IVF4096,Flat"  # 4096 lists of ~244 either way
+    assert pairs["IVF512,Flat"] == "IVF2048,Flat" and pairs["IVF2048,Flat"] == "IVF8192,Flat"
+    assert pairs["IVF1024,PQ32x4fs,RFlat"] == "IVF4096,PQ32x4fs,RFlat"
+    assert pairs["Flat"] == "Flat" and pairs["HNSW32"] == "HNSW32"
 
 
 def test_ivf_reaches_target_recall_with_recorded_nprobe(clustered):
-    cfg = IndexConfig(flat_max=1_000, recall_queries=300, target_recall=0.95)
+    cfg = IndexConfig(factory="IVF256,Flat", recall_queries=300, target_recall=0.95)
     index, meta = build_index(clustered, cfg, **QUIET)
+    assert meta["candidates"] == [] and meta["chosen"]["reason"] == "index.factory"
     nprobe = meta["search_params"]["nprobe"]
     assert 1 <= nprobe < meta["nlist"]  # tuned, not an exhaustive scan
     assert meta["tuning"][-1] == {"nprobe": nprobe, "recall": meta["tuning"][-1]["recall"]}
@@ -92,7 +126,7 @@ def test_ivf_reaches_target_recall_with_recorded_nprobe(clustered):
 
 
 def test_fixed_nprobe_is_used_and_its_recall_reported(clustered):
-    index, meta = build_index(clustered, IndexConfig(flat_max=1_000, nprobe=1,
+    index, meta = build_index(clustered, IndexConfig(factory="IVF256,Flat", nprobe=1,
                                                      recall_queries=200), **QUIET)
     assert meta["search_params"] == {"nprobe": 1} and meta["tuning"] == []
     assert meta["recall"] < 0.95  # one list of 256 misses neighbours; the check says so
@@ -126,7 +160,7 @@ def test_save_load_round_trip(tmp_path, clustered):
     ids = ids_for(len(clustered))
     emb = write_embeddings(tmp_path, clustered, ids)
     out = str(tmp_path / "index")
-    cfg = IndexConfig(flat_max=1_000, recall_queries=200)
+    cfg = IndexConfig(factory="IVF256,Flat", recall_queries=200)
     meta = index_run.run(emb, out, cfg, **QUIET)
     assert sorted(os.listdir(out)) == ["ids.parquet", "index.faiss", "index.json"]
     assert meta["bytes_per_vector"] == pytest.approx(os.path.getsize(f"{out}/index.faiss")
@@ -151,7 +185,7 @@ def test_cpu_path_when_no_gpu(monkeypatch, clustered):
 
     monkeypatch.setattr(faiss, "get_num_gpus", lambda: 0, raising=False)
     monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", no_gpu_please, raising=False)
-    _, meta = build_index(clustered[:3000], IndexConfig(flat_max=1_000, recall_queries=50),
+    _, meta = build_index(clustered[:3000], IndexConfig(factory="IVF64,Flat", recall_queries=50),
                           **QUIET)
     assert meta["device"] == "cpu" and meta["gpus"] == 0
     with pytest.raises(RuntimeError, match="use_gpu=always but FAISS sees no GPU"):
@@ -177,6 +211,7 @@ def test_gpu_orchestration_with_stand_in_gpus(monkeypatch, clustered):
     _, meta = build_index(clustered[:3000], IndexConfig(flat_max=1_000, recall_queries=100),
                           **QUIET)
     assert calls == ["IndexFlatL2", "IndexIVFFlat", "back"]
+    assert meta["candidates"] == [] and "GPU build" in meta["chosen"]["reason"]  # by rule
     assert meta["device"] == "gpu" and meta["gpus"] == 2 and meta["recall"] > 0.9
     _, meta = build_index(clustered[:500], IndexConfig(factory="HNSW8", recall_queries=20),
                           **QUIET)

@@ -37,7 +37,7 @@ def _unit(n: int, d: int = 16, seed: int = 0) -> np.ndarray:
 
 # -- growing an index (no pipeline) -------------------------------------------------------------
 
-@pytest.mark.parametrize("factory", ["Flat", "IVF4,Flat", "HNSW8"])
+@pytest.mark.parametrize("factory", ["Flat", "IVF4,Flat", "HNSW8", "IVF4,PQ8x4fs,RFlat"])
 def test_grow_appends_only_unknown_ids_and_keeps_old_vectors(tmp_path, factory):
     cfg = resolve("tiny", [f"index.factory={factory}", "index.recall_queries=20"]).index
     old = _unit(200)
