@@ -153,15 +153,21 @@ def test_trainjob_name_is_the_same_for_every_attempt_of_a_task_and_a_valid_k8s_n
     assert len(first) <= 40 and len(first + "-node-0-0") <= 63
 
 
-def test_a_retried_task_replaces_its_earlier_attempts_running_job(cluster):
-    """Attempt 1 was killed (SIGKILL, node loss) and its job runs on; attempt 2 deletes that
-    job (by its uid) and waits for it to go before it creates its own: never two at once."""
+def _earlier_attempt():
+    """(config, the task's job name, an empty fake cluster, the job an earlier attempt of
+    the same task created)."""
     cfg = _cfg()
     name = tj.job_name(MODEL, RUN_ID)
-    kube = MemKube()
     earlier = tj.build_trainjob(name, cfg, "gs://bkt/root/canonical", MODEL,
                                 tracking_uri="http://mlflow:5000", run_id=RUN_ID,
                                 lease_owner=f"{NS}/{name}")
+    return cfg, name, MemKube(), earlier
+
+
+def test_a_retried_task_replaces_its_earlier_attempts_running_job(cluster):
+    """Attempt 1 was killed (SIGKILL, node loss) and its job runs on; attempt 2 deletes that
+    job (by its uid) and waits for it to go before it creates its own: never two at once."""
+    cfg, name, kube, earlier = _earlier_attempt()
     old_uid = kube.seed(earlier.to_dict(), RUNNING)["metadata"]["uid"]
     _leave_result(cluster, name)
     assert _run(kube, cfg) == {"train/loss": 0.5}
@@ -174,12 +180,7 @@ def test_a_retried_task_replaces_its_earlier_attempts_running_job(cluster):
 
 
 def test_a_retried_task_adopts_its_earlier_attempts_completed_job(cluster):
-    cfg = _cfg()
-    name = tj.job_name(MODEL, RUN_ID)
-    kube = MemKube()
-    earlier = tj.build_trainjob(name, cfg, "gs://bkt/root/canonical", MODEL,
-                                tracking_uri="http://mlflow:5000", run_id=RUN_ID,
-                                lease_owner=f"{NS}/{name}")
+    cfg, name, kube, earlier = _earlier_attempt()
     kube.seed(earlier.to_dict(), COMPLETE)
     _leave_result(cluster, name)
     assert _run(kube, cfg) == {"train/loss": 0.5}
