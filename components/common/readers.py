@@ -38,6 +38,7 @@ import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -178,6 +179,44 @@ def _decode(data: bytes, file: str, names: list[str], opts: _CsvOptions, header:
     return text
 
 
+@contextmanager
+def _text_stream(path: str, names: list[str], opts: _CsvOptions, header: bool
+                 ) -> Iterator[io.TextIOWrapper]:
+    """The CSV file as text decoded incrementally (block by block, lines not translated), so
+    that neither its bytes nor its whole text are ever held. Undecodable bytes are refused with
+    :func:`_decode`'s message: only then is the file read whole, to name row, field and byte."""
+    file = storage.basename(path)
+    with storage.local_copy(path) as local, open(local, "rb") as raw:
+        # utf-8-sig drops a leading BOM as _decode does
+        text = io.TextIOWrapper(raw, encoding="utf-8-sig" if opts.utf8 else opts.encoding,
+                                errors="strict", newline="")
+        try:
+            yield text
+        except UnicodeDecodeError:
+            _decode(storage.read_bytes(local), file, names, opts, header)  # raises DataError
+            raise
+        finally:
+            text.detach()
+    if not opts.utf8:
+        opts.used.append(file)
+
+
+def _lines(stream: io.TextIOWrapper, seen: list[str], last: list[bool]) -> Iterator[str]:
+    """The lines of ``stream``, each also appended to ``seen`` (the caller empties it per record:
+    the raw text of the record :func:`_check_quotes` needs); ``last[0]`` turns True as the final
+    line is handed out."""
+    prev = None
+    for line in stream:
+        if prev is not None:
+            seen.append(prev)
+            yield prev
+        prev = line
+    if prev is not None:
+        last[0] = True
+        seen.append(prev)
+        yield prev
+
+
 def _locate(prefix: bytes, opts: _CsvOptions, names: list[str], header: bool
             ) -> tuple[int | None, str | None]:
     """(row, field name) of the first byte after ``prefix`` (the valid part of a file)."""
@@ -229,30 +268,35 @@ def _csv_rows(path: str, names: list[str], opts: _CsvOptions,
     * the quote closes on a later line with more text after it (``"...x``: no CSV writer
       writes that; it is the opening quote of a later field that closed the stray one).
 
-    The error names the row, the field and the line where the quote opened."""
+    The error names the row, the field and the line where the quote opened.
+
+    The file is read as a stream (:func:`_text_stream`); only the current record's lines are
+    kept."""
     file = storage.basename(path)
-    text = _decode(storage.read_bytes(path), file, names, opts, header=False)
-    stream = io.StringIO(text, newline="")
-    reader = csv.reader(stream)
-    row, end, pos = 0, 0, 0
-    with _field_limit(opts.field_limit):
+    seen: list[str] = []
+    last = [False]
+    with _text_stream(path, names, opts, header=False) as stream, \
+            _field_limit(opts.field_limit):
+        reader = csv.reader(_lines(stream, seen, last))
+        row, end = 0, 0
         while True:
             start = end + 1
+            seen.clear()
             try:
                 fields = next(reader)
             except StopIteration:
                 break
             except csv.Error as e:
                 raise DataError(_csv_error(file, row + 1, start, e, opts)) from None
-            end, begin, pos = reader.line_num, pos, stream.tell()
+            end = reader.line_num
             if not fields or all(not f.strip() for f in fields):
                 continue
             row += 1
             if row == 1 and fields[0].strip().lower() in _HEADER_WORDS:
                 continue  # a header line some exports add; the official files have none
-            if end > start or pos >= len(text):
+            if end > start or last[0]:
                 _check_quotes(file, row, start, fields, names, swallowed, min_commas,
-                              text[begin:pos])
+                              "".join(seen))
             yield row, start, fields
 
 
@@ -339,7 +383,9 @@ def _read_official_notes(path: str, split: str, images: _ImageIndex, ds: NoteDat
                          opts: _CsvOptions | None = None):
     file = storage.basename(path)
     opts = opts or _CsvOptions(DataConfig())
-    records, merged = [], 0
+    cols = _Columns(NOTE_COLUMNS + ["imgid"], objects=["topics"])
+    add = cols.add
+    merged = 0
     for row, line, fields in _csv_rows(path, OFFICIAL_NOTE_FIELDS, opts,
                                        _note_record(images, split),
                                        len(OFFICIAL_NOTE_FIELDS) - 1):
@@ -359,23 +405,20 @@ def _read_official_notes(path: str, split: str, images: _ImageIndex, ds: NoteDat
         if not note_id:
             raise DataError(f"{where(file, row, 'noteid')} (line {line}): empty note id")
         content, topics = split_topics(content)
-        records.append({
-            "note_id": note_id, "title": title, "content": content, "topics": topics,
-            "image_uri": images.find(imgid, split) if imgid else "",
-            "imgid": imgid, "category": category, "_file": file, "_row": row,
-        })
-    if not records:
+        add(row, (note_id, title, content, topics, images.find(imgid, split) if imgid else "",
+                  category, imgid))
+    if not cols.rows:
         raise DataError(f"{file}: no notes (the file is empty or holds only a header); remove "
                         "it or fill it")
     if merged:
         ds.warnings.append(f"{file}: {merged} row(s) had more than 5 fields (unquoted commas); "
                            "the extra fields were joined into 'content'")
-    return _frame(records, NOTE_COLUMNS + ["imgid"])
+    return cols.frame(file)
 
 
 def _read_official_pairs(path: str, opts: _CsvOptions) -> pd.DataFrame:
     file = storage.basename(path)
-    records = []
+    cols = _Columns(PAIR_COLUMNS)
     for row, line, fields in _csv_rows(path, OFFICIAL_PAIR_FIELDS + ["score"], opts,
                                        _pair_record, 0):
         if len(fields) < 2:
@@ -394,8 +437,8 @@ def _read_official_pairs(path: str, opts: _CsvOptions) -> pd.DataFrame:
             if not math.isfinite(score):
                 raise DataError(f"{where(file, row, 'score')} (line {line}): not a finite number:"
                                 f" {fields[2]!r}")
-        records.append({"query_id": a, "target_id": b, "score": score, "_file": file, "_row": row})
-    return _frame(records, PAIR_COLUMNS)
+        cols.add(row, (a, b, score))
+    return cols.frame(file)
 
 
 class _ImageIndex:
@@ -430,13 +473,29 @@ class _ImageIndex:
 # -- canonical Parquet / JSONL -------------------------------------------------------------------
 
 
-def read_table(path: str) -> pd.DataFrame:
+_JSONL_CHUNK = 65_536
+_CSV_CHUNK = 262_144  # events parsed at a time  # lines parsed at a time: the file's text is never held whole
+
+
+def read_table(path: str, columns: list[str] | None = None) -> pd.DataFrame:
+    """A Parquet or JSONL table. ``columns``: read only those of them the file has (Parquet
+    reads no other column from disk; JSONL drops the others chunk by chunk)."""
     file = storage.basename(path)
     try:
-        if path.endswith(".parquet"):
-            with storage.local_copy(path) as local:
-                return pq.read_table(local).to_pandas()
-        return pd.read_json(io.BytesIO(storage.read_bytes(path)), lines=True, dtype=False)
+        with storage.local_copy(path) as local:
+            if path.endswith(".parquet"):
+                pf = pq.ParquetFile(local)
+                keep = (None if columns is None else
+                        [c for c in pf.schema_arrow.names if c in columns])
+                return pf.read(columns=keep).to_pandas()
+            with open(local, "rb") as f:
+                chunks = [chunk if columns is None else
+                          chunk[[c for c in chunk.columns if c in columns]]
+                          for chunk in pd.read_json(f, lines=True, dtype=False,
+                                                    chunksize=_JSONL_CHUNK)]
+            if not chunks:
+                return pd.DataFrame()
+            return chunks[0] if len(chunks) == 1 else pd.concat(chunks, ignore_index=True)
     except (OSError, ValueError, pa.ArrowException) as e:
         raise DataError(f"{file}: cannot be read as {path.rsplit('.', 1)[-1]}: {e}") from None
 
@@ -450,9 +509,8 @@ def _require(df: pd.DataFrame, file: str, columns: list[str]) -> None:
 
 def _read_canonical_notes(path: str, data_uri: str, roots: list[str]) -> pd.DataFrame:
     file = storage.basename(path)
-    df = read_table(path)
+    df = read_table(path, NOTE_COLUMNS + PROVENANCE)
     _require(df, file, ["note_id", "title", "content", "image_uri"])
-    df = df.copy()
     for col in ("title", "content", "category", "image_uri"):
         if col not in df.columns:
             df[col] = ""
@@ -544,9 +602,8 @@ def _resolve(uri: str, data_uri: str, roots: list[str], file: str, row: int) -> 
 
 def _read_canonical_pairs(path: str) -> pd.DataFrame:
     file = storage.basename(path)
-    df = read_table(path)
+    df = read_table(path, PAIR_COLUMNS + PROVENANCE)
     _require(df, file, ["query_id", "target_id"])
-    df = df.copy()
     for col in ("query_id", "target_id"):
         bad = df[col].isna() | (df[col].astype(str).str.strip() == "")
         if bad.any():
@@ -562,23 +619,31 @@ def _read_events(path: str, ext: str, opts: _CsvOptions | None = None) -> pd.Dat
     file = storage.basename(path)
     opts = opts or _CsvOptions(DataConfig())
     if ext == "csv":
-        text = _decode(storage.read_bytes(path), file, EVENT_COLUMNS, opts, header=True)
-        try:
-            df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
-        except ValueError as e:
-            raise DataError(f"{file}: cannot be parsed as CSV: {e}") from None
+        with _text_stream(path, EVENT_COLUMNS, opts, header=True) as text:
+            try:
+                # in chunks: the parser's Python strings of one chunk at a time, not the file's
+                chunks = list(pd.read_csv(text, dtype=str, keep_default_na=False,
+                                          chunksize=_CSV_CHUNK))
+                df = chunks[0] if len(chunks) == 1 else pd.concat(chunks, ignore_index=True)
+                del chunks
+            except UnicodeDecodeError:
+                raise  # _text_stream names row, field and byte
+            except ValueError as e:
+                raise DataError(f"{file}: cannot be parsed as CSV: {e}") from None
     else:
-        df = read_table(path)
+        df = read_table(path, EVENT_COLUMNS)
     _require(df, file, EVENT_COLUMNS)
-    df = df[EVENT_COLUMNS].copy()
+    if list(df.columns) != EVENT_COLUMNS:
+        df = df[EVENT_COLUMNS]
     for col in ("user_id", "note_id", "event"):
+        # astype(str) and strip keep a value's string object when there is nothing to change
         df[col] = df[col].astype(str).str.strip()
     unknown = ~df["event"].isin(EVENT_TYPES)
     if unknown.any():
         row = int(unknown.to_numpy().argmax()) + 1
         raise DataError(f"{where(file, row, 'event')}: unknown event {df['event'].iloc[row - 1]!r}"
                         f" (expected one of {', '.join(EVENT_TYPES)})")
-    ts = pd.to_datetime(df["ts"], errors="coerce", utc=True, format="ISO8601")
+    ts = _timestamps(df["ts"])
     if ts.isna().any():
         row = int(ts.isna().to_numpy().argmax()) + 1
         raise DataError(f"{where(file, row, 'ts')}: unparseable timestamp {df['ts'].iloc[row - 1]!r}")
@@ -587,11 +652,75 @@ def _read_events(path: str, ext: str, opts: _CsvOptions | None = None) -> pd.Dat
     return df.reset_index(drop=True)
 
 
-def _frame(records: list[dict], columns: list[str]) -> pd.DataFrame:
-    cols = columns + PROVENANCE
-    if not records:
-        return pd.DataFrame({c: pd.Series(dtype=object) for c in cols})
-    return pd.DataFrame.from_records(records, columns=cols)
+def _timestamps(values: pd.Series) -> pd.Series:
+    """ISO 8601 text to UTC timestamps (NaT where unparseable), a chunk at a time: the parser
+    makes a Python string of every value it is given."""
+    def parse(part: pd.Series) -> pd.Series:
+        return pd.to_datetime(part, errors="coerce", utc=True, format="ISO8601")
+
+    if len(values) <= _CSV_CHUNK:
+        return parse(values)
+    return pd.concat([parse(values.iloc[i:i + _CSV_CHUNK])
+                      for i in range(0, len(values), _CSV_CHUNK)])
+
+
+_CHUNK_ROWS = 65_536  # rows of a CSV held as Python strings before they move into Arrow
+
+
+class _Columns:
+    """A table built row by row in compact form: one list per column (no dict per row), moved
+    into Arrow arrays every ``chunk`` rows, so at most one chunk of rows is held as Python
+    objects. ``objects``: columns kept as Python objects (``topics``, a list per note)."""
+
+    def __init__(self, names: list[str], objects: tuple[str, ...] | list[str] = (),
+                 chunk: int | None = None):
+        self.names, self.objects, self.chunk = names, set(objects), chunk or _CHUNK_ROWS
+        self._lists: list[list] = [[] for _ in names]
+        self._rows: list[int] = []
+        self._arrow: list[list[pa.Array]] = [[] for _ in names]
+        self._row_chunks: list[pa.Array] = []
+        self._kept: dict[str, list] = {c: [] for c in self.objects}
+        self.rows = 0
+
+    def add(self, row: int, values: tuple) -> None:
+        for column, value in zip(self._lists, values, strict=True):
+            column.append(value)
+        self._rows.append(row)
+        self.rows += 1
+        if len(self._rows) >= self.chunk:
+            self._flush()
+
+    def _flush(self) -> None:
+        for name, values, chunks in zip(self.names, self._lists, self._arrow, strict=True):
+            if name in self.objects:
+                self._kept[name] += values
+            elif values:
+                chunks.append(pa.array(values))
+            values.clear()
+        self._row_chunks.append(pa.array(self._rows, pa.int64()))
+        self._rows.clear()
+
+    def frame(self, file: str) -> pd.DataFrame:
+        """The columns plus provenance (``_file``, ``_row``)."""
+        if not self.rows:
+            return _empty_frame(self.names)
+        self._flush()
+        arrow = {name: pa.chunked_array(chunks) for name, chunks in
+                 zip(self.names, self._arrow, strict=True) if name not in self.objects}
+        arrow["_row"] = pa.chunked_array(self._row_chunks)
+        self._arrow, self._row_chunks = [], []
+        df = pa.table(arrow).to_pandas()
+        del arrow
+        for name in self.objects:
+            values = np.empty(self.rows, dtype=object)
+            values[:] = self._kept.pop(name)  # element by element: each value stays a list
+            df[name] = values
+        df["_file"] = file
+        return df[self.names + PROVENANCE]
+
+
+def _empty_frame(columns: list[str]) -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype=object) for c in columns + PROVENANCE})
 
 
 # -- canonical writer ----------------------------------------------------------------------------
