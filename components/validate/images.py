@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
@@ -56,21 +57,36 @@ def check_image(uri: str) -> tuple[str | None, tuple[int, int] | None, str | Non
 
 def check_images(notes: pd.DataFrame, workers: int) -> pd.DataFrame:
     """One row per note with an ``image_uri``: ``decodes``, ``problem`` ("" when it decodes),
-    ``width``, ``height``, ``mode``. Each distinct file is read once."""
+    ``width``, ``height``, ``mode``. Each distinct file is read once, one at a time per worker
+    and a bounded batch in flight (no image's bytes or pixels outlive its check); what is kept
+    per file is its problem, size and mode."""
     present = notes[notes["image_uri"] != ""]
-    uris = present["image_uri"].drop_duplicates().tolist()
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = dict(zip(uris, tqdm(pool.map(check_image, uris), total=len(uris),
-                                      desc="check images", unit="img"), strict=True))
-    checked = [results[u] for u in present["image_uri"]]
+    codes, uris = pd.factorize(present["image_uri"])  # codes: (notes,) index into uris
+    n = len(uris)
+    problem = np.full(n, "", dtype=object)
+    mode = np.full(n, "", dtype=object)
+    size = np.zeros((n, 2), dtype=np.int64)  # (files, width/height)
+    sized = np.zeros(n, dtype=bool)
+    workers = max(1, workers)
+    batch = 64 * workers  # checks submitted at a time: bounded however many images there are
+    with ThreadPoolExecutor(max_workers=workers) as pool, \
+            tqdm(total=n, desc="check images", unit="img") as bar:
+        for lo in range(0, n, batch):
+            part = uris[lo:lo + batch]
+            for i, (p, wh, m) in enumerate(pool.map(check_image, part), start=lo):
+                problem[i], mode[i] = p or "", m or ""
+                if wh:
+                    size[i], sized[i] = wh, True
+            bar.update(len(part))
+    decodes = problem == ""
     return pd.DataFrame({
         "note_id": present["note_id"].to_numpy(),
         "image_uri": present["image_uri"].to_numpy(),
-        "decodes": [p is None for p, _, _ in checked],
-        "problem": [p or "" for p, _, _ in checked],
-        "width": pd.array([s[0] if s else None for _, s, _ in checked], dtype="Int64"),
-        "height": pd.array([s[1] if s else None for _, s, _ in checked], dtype="Int64"),
-        "mode": [m or "" for _, _, m in checked],
+        "decodes": decodes[codes],
+        "problem": problem[codes],
+        "width": pd.arrays.IntegerArray(size[codes, 0], ~sized[codes]),
+        "height": pd.arrays.IntegerArray(size[codes, 1], ~sized[codes]),
+        "mode": mode[codes],
         "_file": present["_file"].to_numpy(),
         "_row": present["_row"].to_numpy(),
     }, columns=COLUMNS)

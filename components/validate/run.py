@@ -26,7 +26,7 @@ from components.common.canonical import derive_canonical, evaluation_errors, loa
 from components.common.config import DataConfig
 from components.common.notes import configure_images
 from components.common.readers import read_table, write_table
-from components.common.schema import DataError, where
+from components.common.schema import EVENT_COLUMNS, PROVENANCE, DataError, where
 from components.validate import docs, engine
 from components.validate.engine import Outcome
 from components.validate.images import check_images
@@ -83,12 +83,15 @@ def run(canonical_dir: str, out_dir: str, cfg: DataConfig, validated_dir: str = 
     pipeline's validate task does that, so its Data Docs reach the UI, and a gate task fails."""
     configure_images(cfg)
     notes, pairs, manifest = load_canonical(canonical_dir)
-    events = (read_table(storage.join(canonical_dir, "events.parquet"))
+    events = (read_table(storage.join(canonical_dir, "events.parquet"),
+                         EVENT_COLUMNS + PROVENANCE)  # only what the events suite checks
               if manifest.get("events") is not None else None)
     start = time.perf_counter()
-    images = check_images(notes_frame(notes), cfg.image_check_workers)
+    allnotes = notes_frame(notes)  # one frame of every split, for the images and the suites
+    images = check_images(allnotes, cfg.image_check_workers)
     checked = time.perf_counter()
-    todo = tables(notes, pairs, events, images, cfg)
+    todo = tables(notes, pairs, events, images, cfg, allnotes)
+    del allnotes
     results = engine.validate(todo)
     rep = report(todo, results, cfg)
     rep.errors += evaluation_errors(notes, pairs)

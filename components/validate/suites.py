@@ -173,9 +173,12 @@ def events_frame(events: pd.DataFrame, split_by_id: pd.Series) -> pd.DataFrame:
 
 
 def tables(notes: dict[str, pd.DataFrame], pairs: dict[str, pd.DataFrame],
-           events: pd.DataFrame | None, images: pd.DataFrame, cfg: DataConfig) -> list[Table]:
-    """Every table with its suite. ``images``: :func:`components.validate.images.check_images`."""
-    allnotes = notes_frame(notes)
+           events: pd.DataFrame | None, images: pd.DataFrame, cfg: DataConfig,
+           allnotes: pd.DataFrame | None = None) -> list[Table]:
+    """Every table with its suite. ``images``: :func:`components.validate.images.check_images`;
+    ``allnotes``: :func:`notes_frame` of ``notes`` when the caller already has it (not built
+    twice)."""
+    allnotes = notes_frame(notes) if allnotes is None else allnotes
     split_by_id = allnotes.drop_duplicates("note_id").set_index("note_id")["split"]
     splits = sorted(notes)
     out = [

@@ -305,3 +305,29 @@ def test_load_canonical_keeps_topics_as_lists(official_dir, tmp_path):
     notes, pairs, manifest = load_canonical(canon)
     assert notes["train"]["topics"].iloc[0] == ["CottonDoll", "Halloween"]
     assert manifest["slices"] == ["shortquery"]
+
+
+def test_check_images_in_bounded_batches_one_row_per_note(tmp_path, monkeypatch):
+    """More files than one batch (64 per worker): every distinct file is checked once, every
+    note that names one gets its row, a broken file has no size (<NA>) and decodes False."""
+    from components.validate import images as images_mod
+
+    uris = []
+    for i in range(70):
+        p = tmp_path / f"i{i}.png"
+        p.write_bytes(image_bytes(size=(5 + i, 3), fmt="PNG") if i != 33 else b"not an image")
+        uris.append(str(p))
+    ids = [f"n{i}" for i in range(75)]
+    notes = _notes(ids, "notes_train.csv")
+    notes["image_uri"] = uris + uris[:4] + [""]  # four files named twice, one note without
+    seen = []
+    real = images_mod.check_image
+    monkeypatch.setattr(images_mod, "check_image", lambda u: seen.append(u) or real(u))
+    out = images_mod.check_images(notes, workers=1)
+    assert sorted(seen) == sorted(uris)  # each distinct file read once
+    assert list(out.columns) == IMAGE_COLUMNS and out["note_id"].tolist() == ids[:74]
+    assert out["width"].tolist()[:3] == [5, 6, 7] and out["width"].tolist()[70:] == [5, 6, 7, 8]
+    broken = out[out["note_id"] == "n33"].iloc[0]
+    assert not broken["decodes"] and broken["problem"].startswith("not an image")
+    assert pd.isna(broken["width"]) and broken["mode"] == ""
+    assert out["decodes"].sum() == 73 and out["_row"].tolist() == list(range(1, 75))
