@@ -407,13 +407,14 @@ def _read_official_notes(path: str, split: str, images: _ImageIndex, ds: NoteDat
         content, topics = split_topics(content)
         add(row, (note_id, title, content, topics, images.find(imgid, split) if imgid else "",
                   category, imgid))
-    if not cols.rows:
+    notes = cols.frame(file)
+    if not len(notes):
         raise DataError(f"{file}: no notes (the file is empty or holds only a header); remove "
                         "it or fill it")
     if merged:
         ds.warnings.append(f"{file}: {merged} row(s) had more than 5 fields (unquoted commas); "
                            "the extra fields were joined into 'content'")
-    return cols.frame(file)
+    return notes
 
 
 def _read_official_pairs(path: str, opts: _CsvOptions) -> pd.DataFrame:
@@ -668,49 +669,44 @@ _CHUNK_ROWS = 65_536  # rows of a CSV held as Python strings before they move in
 
 
 class _Columns:
-    """A table built row by row in compact form: one list per column (no dict per row), moved
-    into Arrow arrays every ``chunk`` rows, so at most one chunk of rows is held as Python
-    objects. ``objects``: columns kept as Python objects (``topics``, a list per note)."""
+    """A table built row by row in compact form: a chunk of rows (tuples, no dict per row) is
+    moved into one Arrow array per column every ``chunk`` rows, so at most one chunk of rows is
+    held as Python objects. ``objects``: columns kept as Python objects (``topics``, a list per
+    note)."""
 
     def __init__(self, names: list[str], objects: tuple[str, ...] | list[str] = (),
                  chunk: int | None = None):
         self.names, self.objects, self.chunk = names, set(objects), chunk or _CHUNK_ROWS
-        self._lists: list[list] = [[] for _ in names]
-        self._rows: list[int] = []
-        self._arrow: list[list[pa.Array]] = [[] for _ in names]
-        self._row_chunks: list[pa.Array] = []
+        self._chunk: list[tuple] = []  # (row, *values)
+        self._arrow: dict[str, list[pa.Array]] = {c: [] for c in ["_row", *names]}
         self._kept: dict[str, list] = {c: [] for c in self.objects}
         self.rows = 0
 
     def add(self, row: int, values: tuple) -> None:
-        for column, value in zip(self._lists, values, strict=True):
-            column.append(value)
-        self._rows.append(row)
-        self.rows += 1
-        if len(self._rows) >= self.chunk:
+        self._chunk.append((row, *values))
+        if len(self._chunk) >= self.chunk:
             self._flush()
 
     def _flush(self) -> None:
-        for name, values, chunks in zip(self.names, self._lists, self._arrow, strict=True):
+        if not self._chunk:
+            return
+        self.rows += len(self._chunk)
+        for name, values in zip(["_row", *self.names], zip(*self._chunk, strict=True),
+                                strict=True):
             if name in self.objects:
                 self._kept[name] += values
-            elif values:
-                chunks.append(pa.array(values))
-            values.clear()
-        self._row_chunks.append(pa.array(self._rows, pa.int64()))
-        self._rows.clear()
+            else:
+                self._arrow[name].append(pa.array(values, pa.int64() if name == "_row" else None))
+        self._chunk.clear()
 
     def frame(self, file: str) -> pd.DataFrame:
         """The columns plus provenance (``_file``, ``_row``)."""
+        self._flush()
         if not self.rows:
             return _empty_frame(self.names)
-        self._flush()
-        arrow = {name: pa.chunked_array(chunks) for name, chunks in
-                 zip(self.names, self._arrow, strict=True) if name not in self.objects}
-        arrow["_row"] = pa.chunked_array(self._row_chunks)
-        self._arrow, self._row_chunks = [], []
-        df = pa.table(arrow).to_pandas()
-        del arrow
+        arrow, self._arrow = self._arrow, {}
+        df = pa.table({name: pa.chunked_array(arrow.pop(name)) for name in ["_row", *self.names]
+                       if name not in self.objects}).to_pandas()
         for name in self.objects:
             values = np.empty(self.rows, dtype=object)
             values[:] = self._kept.pop(name)  # element by element: each value stays a list
