@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -14,12 +14,16 @@ from model.prompts import NoteInput
 
 def encode(model, notes: Sequence[NoteInput], *, batch_size: int = 64, probe: str | None = None,
            device: str | None = None, progress: bool = True, desc: str = "embed",
-           sort_by_length: bool = True) -> np.ndarray:
+           sort_by_length: bool = True,
+           pixels: Callable[[list[int]], torch.Tensor] | None = None) -> np.ndarray:
     """(N, d) float32 unit vectors (fused ``n_m``) for ``notes``, in input order.
 
     ``notes`` may be a lazy sequence (images decoded on access); only one batch of images is
     held at a time. Batches are formed from length-sorted notes so that little padding is
     computed; ``sort_by_length=False`` keeps input order (the benchmark's baseline).
+    ``pixels(positions)``, when given, supplies the (B, 3, H, W) pixels of the notes at those
+    input positions (a pixel cache's ``get``); the notes' images are then never read, and the
+    ``text_only`` probe reads none at all.
     """
     if len(notes) == 0:
         return np.zeros((0, model.config.embed_dim), dtype=np.float32)
@@ -39,8 +43,13 @@ def encode(model, notes: Sequence[NoteInput], *, batch_size: int = 64, probe: st
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            batch_notes = [apply_probe(notes[i], probe) for i in idx]
-            batch = collator(batch_notes, [ids[i] for i in idx])
+            if pixels is not None and collator.with_images:
+                # text_only feeds zero pixels: no image is read
+                px = None if probe == "text_only" else pixels(idx.tolist())
+                batch = collator([texts[i] for i in idx], [ids[i] for i in idx], pixel_values=px)
+            else:
+                batch_notes = [apply_probe(notes[i], probe) for i in idx]
+                batch = collator(batch_notes, [ids[i] for i in idx])
             batch = {k: v.to(device) for k, v in batch.items()}
             with torch.autocast(device_type="cuda", dtype=amp_dtype, enabled=use_amp):
                 vec = model(**batch)["n_m"]

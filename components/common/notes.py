@@ -151,11 +151,16 @@ class PixelCache:
     Shared by fork only (the DataLoader's start method on Linux): the cache refuses pickling.
     """
 
-    def __init__(self, notes: LazyNotes, collator, max_bytes: int):
+    def __init__(self, notes: LazyNotes, collator, max_bytes: int,
+                 keep: np.ndarray | None = None):
+        """``keep``: a boolean mask of the notes that may be kept (default all), e.g. only those
+        that will be taken again."""
         self.notes, self.collator = notes, collator
+        self.keep = None if keep is None else np.asarray(keep, dtype=bool)
         self.shape = tuple(collator.pixel_shape)  # (3, H, W)
         self.item_bytes = 4 * math.prod(self.shape)  # float32
-        self.capacity = min(len(notes), max(0, int(max_bytes)) // self.item_bytes)
+        wanted = len(notes) if self.keep is None else int(self.keep.sum())
+        self.capacity = min(wanted, max(0, int(max_bytes)) // self.item_bytes)
         self._pixel_map = mmap.mmap(-1, max(1, self.capacity * self.item_bytes))  # shared, anon
         self.pixels = (torch.frombuffer(self._pixel_map, dtype=torch.float32,
                                         count=self.capacity * math.prod(self.shape))
@@ -197,7 +202,8 @@ class PixelCache:
                 slot[-1] += len(missing)
                 for k, t in fresh.items():
                     used = int(slot[-2])
-                    if slot[k] == 0 and used < self.capacity:
+                    if (slot[k] == 0 and used < self.capacity
+                            and (self.keep is None or self.keep[k])):
                         self.pixels[used] = t
                         slot[k] = used + 1  # after the pixels: a reader never sees a bare slot
                         slot[-2] = used + 1
