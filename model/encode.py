@@ -11,6 +11,8 @@ from tqdm.auto import tqdm
 from model.collator import NoteCollator, apply_probe
 from model.prompts import NoteInput
 
+TOKENIZE_CHUNK = 4096  # notes tokenised at a time before their ids are packed
+
 
 def encode(model, notes: Sequence[NoteInput], *, batch_size: int = 64, probe: str | None = None,
            device: str | None = None, progress: bool = True, desc: str = "embed",
@@ -30,10 +32,12 @@ def encode(model, notes: Sequence[NoteInput], *, batch_size: int = 64, probe: st
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
     collator = NoteCollator(model)
-    # tokenise texts only (no images) to sort by length
-    texts = [NoteInput(n.title, n.content, n.topics) for n in _iter(notes)]
-    texts = [apply_probe(n, probe) for n in texts]
-    ids = collator.token_ids(texts)
+    # tokenise texts only (no images) to sort by length, a chunk at a time; ids kept as int32
+    # arrays (a list of Python ints costs ~9x the memory: 1M notes x 96 tokens would be ~3 GB)
+    ids = []
+    for chunk in _chunks(_iter(notes), TOKENIZE_CHUNK):
+        ids += [np.asarray(x, dtype=np.int32) for x in collator.token_ids(
+            [apply_probe(NoteInput(n.title, n.content, n.topics), probe) for n in chunk])]
     order = (np.argsort([-len(x) for x in ids], kind="stable") if sort_by_length
              else np.arange(len(ids)))
     out = np.zeros((len(ids), model.config.embed_dim), dtype=np.float32)
@@ -46,7 +50,8 @@ def encode(model, notes: Sequence[NoteInput], *, batch_size: int = 64, probe: st
             if pixels is not None and collator.with_images:
                 # text_only feeds zero pixels: no image is read
                 px = None if probe == "text_only" else pixels(idx.tolist())
-                batch = collator([texts[i] for i in idx], [ids[i] for i in idx], pixel_values=px)
+                texts = [apply_probe(_text(notes, i), probe) for i in idx]
+                batch = collator(texts, [ids[i] for i in idx], pixel_values=px)
             else:
                 batch_notes = [apply_probe(notes[i], probe) for i in idx]
                 batch = collator(batch_notes, [ids[i] for i in idx])
@@ -65,6 +70,26 @@ def encode(model, notes: Sequence[NoteInput], *, batch_size: int = 64, probe: st
             bar.update(len(idx))
     bar.close()
     return out
+
+
+def _text(notes: Sequence[NoteInput], i: int) -> NoteInput:
+    """Note i without its image, not read (lazy sequences have ``text``)."""
+    text = getattr(notes, "text", None)
+    if text is not None:
+        return text(i)
+    n = notes[i]
+    return NoteInput(n.title, n.content, n.topics)
+
+
+def _chunks(items, size: int):
+    chunk = []
+    for x in items:
+        chunk.append(x)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def _iter(notes: Sequence[NoteInput]):

@@ -123,3 +123,22 @@ def test_copies_stream_in_bounded_memory(gcs, tmp_path, monkeypatch):
 
     assert _peak_bytes(through_local_copy) < size / 4
     assert storage.list_files(storage.join(gcs, "big")) == ["a.bin"]
+
+
+def test_index_saved_to_and_loaded_from_gcs(gcs):
+    import faiss
+    import numpy as np
+
+    from components.index.run import load_index, save_index
+
+    vectors = np.random.default_rng(0).standard_normal((300, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index = faiss.IndexFlatIP(16)
+    index.add(vectors)
+    ids = [f"n{i}" for i in range(300)]
+    where = storage.join(gcs, "run1", "index")
+    meta = save_index(index, ids, {"factory": "Flat"}, where)
+    assert meta["index_bytes"] == len(faiss.serialize_index(index))
+    loaded, loaded_ids, loaded_meta = load_index(where)
+    assert loaded_ids == ids and loaded_meta == meta
+    assert loaded.search(vectors[:5], 1)[1].ravel().tolist() == [0, 1, 2, 3, 4]
