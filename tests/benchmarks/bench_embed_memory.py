@@ -38,14 +38,15 @@ def _prepare(root: str, notes: int) -> tuple[str, str]:
     return prepare(root, notes)
 
 
-def bench_embed_memory(notes: int, root: str) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MiB) of one embed step over ``notes`` notes."""
+def bench_embed_memory(notes: int, root: str) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds, peak RSS in MiB) of one embed step over ``notes`` notes."""
     canon, model_dir = _prepare(root, notes)
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-c", _STEP, canon, model_dir, out], cwd=ROOT, check=True)
         seconds = time.perf_counter() - t0
-    return seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
 
 
 if __name__ == "__main__":
@@ -56,6 +57,6 @@ if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as tmp:
         root = args.root or tmp
         os.makedirs(root, exist_ok=True)
-        seconds, peak = bench_embed_memory(args.notes, root)
-    print(f"embed {args.notes} notes (tiny model, probes on): {seconds:.1f} s, "
-          f"peak RSS {peak:,.0f} MiB")
+        seconds, cpu, peak = bench_embed_memory(args.notes, root)
+    print(f"embed {args.notes} notes (tiny model, probes on): {seconds:.1f} s wall, "
+          f"{cpu:.1f} s CPU, peak RSS {peak:,.0f} MiB")
