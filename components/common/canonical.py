@@ -42,7 +42,7 @@ def derive_canonical(src: str, dst: str, *, notes: dict[str, pd.DataFrame] | Non
             manifest[kind][name] = len(df)
     for name in storage.list_files(src):
         if name not in skip:
-            storage.write_bytes(storage.join(dst, name), storage.read_bytes(storage.join(src, name)))
+            storage.copy(storage.join(src, name), storage.join(dst, name))  # streamed
     manifest.update(note or {})
     storage.write_text(storage.join(dst, "manifest.json"), json.dumps(manifest, indent=2,
                                                                       default=str))

@@ -79,7 +79,8 @@ class TrainConfig:
     log_every: int = 10
     val_every: int = 100
     num_workers: int = 2
-    # preprocessed pixels kept in memory per process (each note's image is decoded once)
+    # preprocessed pixels kept in memory per process, shared by its DataLoader workers and kept
+    # across epochs (components.common.notes.PixelCache): a kept note's image is decoded once
     pixel_cache_mb: float = 2048.0
     # learning-rate multiplier for the newly initialised parts (connector, fusion, head)
     new_params_lr_mult: float = 1.0
@@ -173,6 +174,9 @@ class EmbedConfig:
     scope: str = "all"  # "all" notes or only the "test" notes
     # parallel embed tasks (dsl.ParallelFor), each taking a contiguous 1/num_shards of the notes
     num_shards: int = 1
+    # preprocessed pixels of test notes kept per embed process for the image_only probe, which
+    # then decodes no image again (PixelCache; 0 = decode again)
+    pixel_cache_mb: float = 512.0
 
     def __post_init__(self) -> None:
         if self.num_shards < 1:

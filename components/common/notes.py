@@ -12,12 +12,17 @@ calls :func:`configure_images`.
 from __future__ import annotations
 
 import io
+import math
+import mmap
+import multiprocessing
 import os
 import re
 import warnings
 from collections.abc import Sequence
 
+import numpy as np
 import pandas as pd
+import torch
 from PIL import Image
 
 from components.common import storage
@@ -131,3 +136,78 @@ class LazyNotes(Sequence):
     def texts(self):
         for i in range(len(self)):
             yield self.text(i)
+
+
+class PixelCache:
+    """Preprocessed pixels of notes, up to one byte budget per process (``train.pixel_cache_mb``,
+    ``embed.pixel_cache_mb``): a kept note's photo is decoded and resized once, then read from
+    here in every later batch and epoch (a 2560 px WebP costs ~0.1 s to decode).
+
+    The pixels live in an anonymous shared memory map made here, so the DataLoader workers
+    forked from this process fill and read the same slots: a note one worker decoded is a hit
+    for all of them, the budget is not multiplied by the workers, and nothing is lost when an
+    epoch's workers exit. Pages are committed only as slots fill. Slots go to notes first come,
+    first served; once the budget is spent, other notes are decoded each time they are taken.
+    Shared by fork only (the DataLoader's start method on Linux): the cache refuses pickling.
+    """
+
+    def __init__(self, notes: LazyNotes, collator, max_bytes: int,
+                 keep: np.ndarray | None = None):
+        """``keep``: a boolean mask of the notes that may be kept (default all), e.g. only those
+        that will be taken again."""
+        self.notes, self.collator = notes, collator
+        self.keep = None if keep is None else np.asarray(keep, dtype=bool)
+        self.shape = tuple(collator.pixel_shape)  # (3, H, W)
+        self.item_bytes = 4 * math.prod(self.shape)  # float32
+        wanted = len(notes) if self.keep is None else int(self.keep.sum())
+        self.capacity = min(wanted, max(0, int(max_bytes)) // self.item_bytes)
+        self._pixel_map = mmap.mmap(-1, max(1, self.capacity * self.item_bytes))  # shared, anon
+        self.pixels = (torch.frombuffer(self._pixel_map, dtype=torch.float32,
+                                        count=self.capacity * math.prod(self.shape))
+                       .view(self.capacity, *self.shape) if self.capacity
+                       else torch.zeros((0, *self.shape)))  # (capacity, 3, H, W)
+        # slot[k] = 1 + row of note k in ``pixels`` (0: not kept); then slots used, notes decoded
+        self._slot_map = mmap.mmap(-1, 8 * (len(notes) + 2))
+        self._slot = np.frombuffer(self._slot_map, dtype=np.int64)
+        self._lock = multiprocessing.Lock()
+
+    def __reduce__(self):
+        raise TypeError("a PixelCache is shared with forked processes only (it holds a shared "
+                        "memory map); use the fork start method")
+
+    @property
+    def kept(self) -> int:
+        """Notes whose pixels are kept (by this process and its workers together)."""
+        return int(self._slot[-2])
+
+    @property
+    def bytes(self) -> int:
+        return self.kept * self.item_bytes
+
+    @property
+    def decoded(self) -> int:
+        """Images decoded through this cache so far, by this process and its workers."""
+        return int(self._slot[-1])
+
+    def get(self, keys: Sequence[int]) -> torch.Tensor:
+        """(len(keys), 3, H, W) pixels of the notes at ``keys`` (positions in ``notes``)."""
+        keys = [int(k) for k in keys]
+        slot = self._slot
+        missing = [k for k in dict.fromkeys(keys) if slot[k] == 0]
+        fresh = {}
+        if missing:
+            px = self.collator.pixels([self.notes.image(k) for k in missing])
+            fresh = dict(zip(missing, px, strict=True))
+            with self._lock:  # slots are handed out by one process at a time
+                slot[-1] += len(missing)
+                for k, t in fresh.items():
+                    used = int(slot[-2])
+                    if (slot[k] == 0 and used < self.capacity
+                            and (self.keep is None or self.keep[k])):
+                        self.pixels[used] = t
+                        slot[k] = used + 1  # after the pixels: a reader never sees a bare slot
+                        slot[-2] = used + 1
+        out = torch.empty((len(keys), *self.shape), dtype=torch.float32)  # (B, 3, H, W)
+        for i, k in enumerate(keys):
+            out[i] = fresh[k] if k in fresh else self.pixels[slot[k] - 1]
+        return out

@@ -4,6 +4,13 @@ Every step reads and writes through these few functions so that the same code ru
 (local folders) and in a cluster (GCS buckets). ``google-cloud-storage`` honours
 ``STORAGE_EMULATOR_HOST``; with it set we talk to the emulator with anonymous credentials, which is
 how the tests exercise the GCS path without a cloud.
+
+Files are copied by streaming (:func:`copy`, :func:`local_copy`, :func:`local_target`,
+:func:`upload_dir`, :func:`download_dir`): a copy holds at most :data:`CHUNK` bytes of the file in
+memory, whatever its size, and a ``gs://`` to ``gs://`` copy stays on the server (a rewrite).
+:func:`read_bytes`/:func:`write_bytes` are for small files only (JSON, reports, thumbnails).
+fsspec would only take over the local half here (``gs://`` needs gcsfs, which the image does not
+ship), so this module keeps the one ``google-cloud-storage`` client it already had.
 """
 
 from __future__ import annotations
@@ -17,6 +24,9 @@ from functools import lru_cache
 from pathlib import Path
 
 GS = "gs://"
+# bytes per request of a streamed upload: the client's default resumable part is 100 MiB held in
+# memory; GCS wants a multiple of 256 KiB. Files up to 8 MiB go in one request (the client's rule).
+CHUNK = 8 * 2**20
 
 
 def is_gcs(uri: str) -> bool:
@@ -63,9 +73,9 @@ def reset_client() -> None:
     _client.cache_clear()
 
 
-def _bucket_blob(uri: str):
+def _bucket_blob(uri: str, chunk_size: int | None = None):
     bucket, blob = _split(uri)
-    return _client().bucket(bucket).blob(blob)
+    return _client().bucket(bucket).blob(blob, chunk_size=chunk_size)
 
 
 def exists(uri: str) -> bool:
@@ -127,6 +137,26 @@ def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode("utf-8"))
 
 
+def copy(src: str, dst: str) -> None:
+    """Copy the file ``src`` to ``dst`` (each local or ``gs://``) in bounded memory: downloads
+    stream to disk, uploads go in :data:`CHUNK`-byte parts, ``gs://`` to ``gs://`` is a
+    server-side rewrite and local to local is ``shutil.copyfile``."""
+    if is_gcs(src) and is_gcs(dst):
+        source, target = _bucket_blob(src), _bucket_blob(dst)
+        token, _, _ = target.rewrite(source)
+        while token is not None:  # a large object takes several rewrite calls
+            token, _, _ = target.rewrite(source, token=token)
+        return
+    if is_gcs(dst):
+        _bucket_blob(dst, CHUNK).upload_from_filename(src)
+        return
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    if is_gcs(src):
+        _bucket_blob(src).download_to_filename(dst)  # read from the response as it arrives
+    else:
+        shutil.copyfile(src, dst)
+
+
 @contextmanager
 def local_copy(uri: str) -> Iterator[str]:
     """A local path holding the file or folder at ``uri`` (downloaded when remote)."""
@@ -138,8 +168,22 @@ def local_copy(uri: str) -> Iterator[str]:
         if is_dir(uri):
             download_dir(uri, dest)
         else:
-            write_bytes(dest, read_bytes(uri))
+            copy(uri, dest)
         yield dest
+
+
+@contextmanager
+def local_target(uri: str) -> Iterator[str]:
+    """A local path to write the file ``uri`` to: ``uri`` itself when local (its folder made),
+    else a temporary file uploaded by streaming when the block ends without an error."""
+    if not is_gcs(uri):
+        Path(uri).parent.mkdir(parents=True, exist_ok=True)
+        yield uri
+        return
+    with tempfile.TemporaryDirectory(prefix="notellm2-") as tmp:
+        path = os.path.join(tmp, basename(uri) or "data")
+        yield path
+        copy(path, uri)
 
 
 def download_dir(uri: str, dest: str) -> None:
@@ -163,4 +207,4 @@ def upload_dir(src: str, uri: str) -> None:
         for name in files:
             path = os.path.join(root, name)
             rel = os.path.relpath(path, src).replace(os.sep, "/")
-            _bucket_blob(join(uri, rel)).upload_from_filename(path)
+            copy(path, join(uri, rel))

@@ -579,13 +579,8 @@ def save_index(index, note_ids: list[str], meta: dict, out_dir: str) -> dict:
     """Write index.faiss, ids.parquet and index.json; returns meta with the sizes added."""
     import faiss
 
-    path = storage.join(out_dir, "index.faiss")
-    if storage.is_gcs(path):
-        blob = faiss.serialize_index(index)  # (bytes,) uint8
-        size = int(blob.size)
-        storage.write_bytes(path, blob.tobytes())
-    else:  # straight to disk: no second copy of a large index in memory
-        os.makedirs(out_dir, exist_ok=True)
+    # straight to disk (a temporary file streamed up for gs://): no copy of the index in memory
+    with storage.local_target(storage.join(out_dir, "index.faiss")) as path:
         faiss.write_index(index, path)
         size = os.path.getsize(path)
     meta = {**meta, "index_bytes": size, "bytes_per_vector": round(size / max(1, index.ntotal), 2)}

@@ -134,12 +134,12 @@ def run(model_dir: str, eval_dir: str, index_dir: str, cfg: RegisterConfig, *,
             storage.local_copy(index_dir) as local_index, \
             tracking.pipeline_run(tracking_uri, run_id):
         with tempfile.TemporaryDirectory() as tmp:
-            for src, name in ((eval_dir, "evaluation"), (index_dir, "index")):
+            # the index from its local copy (downloaded once); each file streamed, not read whole
+            for src, name in ((eval_dir, "evaluation"), (local_index, "index")):
                 dest = os.path.join(tmp, name)
                 os.makedirs(dest)
                 for f in storage.list_files(src):
-                    storage.write_bytes(os.path.join(dest, f),
-                                        storage.read_bytes(storage.join(src, f)))
+                    storage.copy(storage.join(src, f), os.path.join(dest, f))
                 mlflow.log_artifacts(dest, artifact_path=name)
         with open(os.path.join(local_model, "config.json")) as f:
             dim = json.load(f)["model"]["embed_dim"]

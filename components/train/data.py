@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 
 from components.common.canonical import load_canonical
-from components.common.notes import LazyNotes
+from components.common.notes import LazyNotes, PixelCache
 from model.collator import NoteCollator
 
 
@@ -129,29 +129,6 @@ class PairOrder(torch.utils.data.Sampler):
         for j in range(self.start, self.per_epoch):
             first = (j * self.world + self.rank) * self.batch
             yield perm[first:first + self.batch]
-
-
-class PixelCache:
-    """Preprocessed pixels per note, kept up to a byte budget: photos are decoded and resized
-    once instead of once per epoch (a 2560 px WebP costs ~0.1 s to decode)."""
-
-    def __init__(self, notes: LazyNotes, collator: NoteCollator, max_bytes: int):
-        self.notes, self.collator, self.max_bytes = notes, collator, max_bytes
-        self.cache: dict[int, torch.Tensor] = {}
-        self.bytes = 0
-
-    def get(self, keys: list[int]) -> torch.Tensor:
-        missing = [k for k in dict.fromkeys(keys) if k not in self.cache]
-        fresh = {}
-        if missing:
-            px = self.collator.pixels([self.notes.image(k) for k in missing])
-            fresh = dict(zip(missing, px, strict=True))
-            for k, t in fresh.items():
-                size = t.numel() * t.element_size()
-                if self.bytes + size <= self.max_bytes:
-                    self.cache[k] = t
-                    self.bytes += size
-        return torch.stack([self.cache[k] if k in self.cache else fresh[k] for k in keys])
 
 
 def make_collate(notes: LazyNotes, collator: NoteCollator, cache: PixelCache | None,

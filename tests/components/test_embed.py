@@ -65,3 +65,21 @@ def test_merge_refuses_missing_or_repeated_shards(setup):
         merge(parts[:1], str(root / "m1"))
     with pytest.raises(ValueError, match=r"shard indexes \[1, 1\]"):
         merge([parts[1], parts[1]], str(root / "m2"))
+
+
+def test_pixel_cache_gives_the_same_vectors_and_decodes_each_image_once(setup):
+    from components.common.canonical import load_canonical
+    from components.common.notes import LazyNotes, PixelCache
+    from model import NoteLLM2, encode
+    from model.collator import NoteCollator
+
+    root, _ = setup
+    notes, _, _ = load_canonical(str(root / "canon"))
+    model = NoteLLM2.from_pretrained(str(root / "model"))
+    lazy = LazyNotes(notes["test"].head(6))
+    cache = PixelCache(lazy, NoteCollator(model), 2**30)
+    for probe in (None, "image_only", "text_only"):  # the embed step's three passes
+        want = encode(model, lazy, batch_size=4, probe=probe, progress=False)
+        got = encode(model, lazy, batch_size=4, probe=probe, progress=False, pixels=cache.get)
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    assert cache.kept == len(lazy) and cache.decoded == len(lazy)  # once, in the first pass

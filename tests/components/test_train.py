@@ -45,13 +45,51 @@ def test_pixel_cache_equals_fresh_pixels_and_keeps_its_budget(demo_dir, tmp_path
     model = build_model(resolve("tiny").model, corpus=["a b c"])
     collator = NoteCollator(model)
     one = 3 * 32 * 32 * 4
-    cache = PixelCache(lazy, collator, max_bytes=2 * one)
+    cache = PixelCache(lazy, collator, max_bytes=2 * one + one // 2)  # room for 2 notes
     keys = [0, 1, 2, 0]
     got = cache.get(keys)
     want = collator.pixels([lazy.image(k) for k in keys])
     torch.testing.assert_close(got, want)
-    assert len(cache.cache) == 2 and cache.bytes == 2 * one
+    assert cache.kept == 2 and cache.bytes == 2 * one and cache.decoded == 3
     torch.testing.assert_close(cache.get(keys), want)
+    assert cache.decoded == 4  # only note 2, over the budget, is decoded again
+
+
+def _count_decodes(lazy):
+    """``lazy`` whose image reads also count in a shared array (visible across fork)."""
+    import multiprocessing
+
+    reads = multiprocessing.Array("i", len(lazy))
+    image = lazy.image
+
+    def counted(i):
+        with reads.get_lock():
+            reads[i] += 1
+        return image(i)
+
+    lazy.image = counted
+    return reads
+
+
+def test_pixel_cache_is_one_budget_shared_by_loader_workers_across_epochs(demo_dir, tmp_path):
+    canon = str(tmp_path / "canon")
+    write_canonical(read_dataset(demo_dir), canon)
+    notes, _, _ = load_canonical(canon)
+    lazy = LazyNotes(notes["train"])
+    n = len(lazy)
+    reads = _count_decodes(lazy)
+    collator = NoteCollator(build_model(resolve("tiny").model, corpus=["a b c"]))
+    cache = PixelCache(lazy, collator, max_bytes=n * 3 * 32 * 32 * 4)  # every note fits
+    loader = torch.utils.data.DataLoader(list(range(n)), batch_size=4, shuffle=True,
+                                         num_workers=2, collate_fn=cache.get,
+                                         generator=torch.Generator().manual_seed(0))
+    for _ in range(2):  # workers are new each epoch; the cache lives on in this process
+        for _batch in loader:
+            pass
+    assert cache.kept == n and cache.bytes <= n * 3 * 32 * 32 * 4
+    assert list(reads) == [1] * n  # each photo decoded once, by whichever worker took it first
+    torch.testing.assert_close(cache.get(range(n)),
+                               collator.pixels([lazy.image(k) for k in range(n)]))
 
 
 @pytest.mark.parametrize("variant", ["text_only", "mllm_basic", "late_fusion", "micl", "notellm2"])
