@@ -62,15 +62,29 @@ MIN_USERS_COVERAGE = 0.75
 _ONE_KEY_LIMIT = 2**62  # (user, pair) packs into one int64 below this many combinations
 
 
-def _epoch_ns(ts: pd.Series) -> np.ndarray:
-    """Event times as int64 nanoseconds since the epoch; numbers are taken as seconds."""
+def _epoch_ns(ts: pd.Series, file: str = "events", first_row: int = 1) -> np.ndarray:
+    """Event times as int64 nanoseconds since the epoch; numbers are taken as seconds.
+
+    A missing or unparseable time raises :class:`DataError` naming ``file``, the row (``first_row``
+    is the file row of ``ts``'s first element) and the field."""
     if pd.api.types.is_numeric_dtype(ts):
+        bad = ~np.isfinite(ts.to_numpy(np.float64))
+        parsed = None
+    else:
+        if not isinstance(ts.dtype, pd.DatetimeTZDtype | np.dtypes.DateTime64DType):
+            parsed = pd.to_datetime(ts, utc=True, format="ISO8601", errors="coerce")
+        elif getattr(ts.dt, "tz", None) is None:
+            parsed = ts.dt.tz_localize("UTC")
+        else:
+            parsed = ts
+        bad = parsed.isna().to_numpy()
+    if bad.any():
+        i = int(bad.argmax())
+        raise DataError(f"{where(file, first_row + i, 'ts')}: unparseable timestamp "
+                        f"{ts.iloc[i]!r}")
+    if parsed is None:
         return np.round(ts.to_numpy(np.float64) * 1e9).astype(np.int64)
-    if not isinstance(ts.dtype, pd.DatetimeTZDtype | np.dtypes.DateTime64DType):
-        ts = pd.to_datetime(ts, utc=True, format="ISO8601")
-    elif getattr(ts.dt, "tz", None) is None:
-        ts = ts.dt.tz_localize("UTC")
-    return ts.dt.as_unit("ns").astype("int64").to_numpy()
+    return parsed.dt.as_unit("ns").astype("int64").to_numpy()
 
 
 def _prepare(events: pd.DataFrame, file: str = "events", first_row: int = 1) -> pd.DataFrame:
@@ -92,7 +106,7 @@ def _prepare(events: pd.DataFrame, file: str = "events", first_row: int = 1) -> 
     return pd.DataFrame({"user_id": events["user_id"].astype(str).reset_index(drop=True),
                          "note_id": events["note_id"].astype(str).reset_index(drop=True),
                          "click": (kind == "click").to_numpy(),
-                         "t": _epoch_ns(events["ts"])})
+                         "t": _epoch_ns(events["ts"], file, first_row)})
 
 
 def _group_sum(key: np.ndarray, weight: np.ndarray, count: np.ndarray | None = None
@@ -348,18 +362,16 @@ def _batches(path: str, rows: int) -> Iterator[pd.DataFrame]:
 
 
 def _bucket(paths: Sequence[str], tmp: str, partitions: int, batch_rows: int,
-            keep_notes: Collection[str] | None = None, keep_times: bool = False) -> dict:
+            keep_notes: Collection[str] | None = None) -> dict:
     """Stream event files, ``batch_rows`` at a time, into ``partitions`` Parquet buckets under
     ``tmp`` by a hash of user_id (so each user, and so N_u, lies whole in one bucket).
 
     Rows naming a note outside ``keep_notes`` (when given) are dropped and counted. Returns
-    {"buckets": paths of the non-empty buckets, "read", "dropped", "times": the (n_kept,) int64
-    event times when ``keep_times`` (for the time split's cut-off), else None}.
+    {"buckets": paths of the non-empty buckets, "read", "dropped"}.
     """
     writers: dict[int, pq.ParquetWriter] = {}
     keep = None if keep_notes is None else pa.array(list(keep_notes), pa.string())
     read = dropped = 0
-    times: list[np.ndarray] = []
     try:
         for path in paths:
             row = 1
@@ -374,8 +386,6 @@ def _bucket(paths: Sequence[str], tmp: str, partitions: int, batch_rows: int,
                                      value_set=keep).to_numpy(zero_copy_only=False)
                     dropped += int((~known).sum())
                     ev = ev[known]
-                if keep_times:
-                    times.append(ev["t"].to_numpy(np.int64))
                 bucket = pd.util.hash_array(ev["user_id"].to_numpy(object)) % partitions
                 for p, part in ev.groupby(bucket, sort=False):
                     table = pa.Table.from_pandas(part, preserve_index=False)
@@ -387,20 +397,75 @@ def _bucket(paths: Sequence[str], tmp: str, partitions: int, batch_rows: int,
         for w in writers.values():
             w.close()
     return {"buckets": [os.path.join(tmp, f"{p}.parquet") for p in sorted(writers)],
-            "read": read, "dropped": dropped,
-            "times": np.concatenate(times) if times else (np.zeros(0, np.int64) if keep_times
-                                                          else None)}
+            "read": read, "dropped": dropped}
+
+
+_SELECT_ROWS = 1 << 22  # a k-th smallest search gathers the values once this few are left
+
+
+def _kth_time(buckets: Sequence[str], k: int) -> int:
+    """The k-th smallest (0-based) event time ``t`` across bucket files, holding a histogram and
+    at most ``_SELECT_ROWS`` times, not the column: each pass reads ``t`` bucket by bucket and
+    narrows [lo, hi] to the histogram bin holding the k-th value."""
+    def times() -> Iterator[np.ndarray]:
+        for bucket in buckets:
+            yield pq.read_table(bucket, columns=["t"])["t"].to_numpy()
+
+    lo, hi = np.iinfo(np.int64).min, np.iinfo(np.int64).max
+    below, inside = 0, None  # values < lo; values in [lo, hi] (None: not yet counted)
+    while True:
+        if lo == hi and inside is not None:
+            return lo
+        if inside is not None and inside <= _SELECT_ROWS:
+            got = np.sort(np.concatenate([t[(t >= lo) & (t <= hi)] for t in times()]))
+            return int(got[k - below])
+        if inside is None:  # first pass: the range itself
+            lo = min((int(t.min()) for t in times() if len(t)), default=0)
+            hi = max((int(t.max()) for t in times() if len(t)), default=0)
+        width = (hi - lo) // 65536 + 1  # Python ints: no overflow
+        hist = np.zeros(65536, np.int64)
+        for t in times():
+            t = t[(t >= lo) & (t <= hi)]
+            hist += np.bincount((t - lo) // width, minlength=65536)[:65536]
+        cum = np.cumsum(hist)
+        b = int(np.searchsorted(cum, k - below, side="right"))
+        below += int(cum[b - 1]) if b else 0
+        inside = int(hist[b])
+        lo, hi = lo + b * width, min(hi, lo + (b + 1) * width - 1)
+
+
+def _cutoff_of_buckets(buckets: Sequence[str], n: int, cfg: MineConfig) -> pd.Timestamp:
+    """:func:`_cutoff` of the times of ``n`` bucketed events, without holding them."""
+    if cfg.test_after or not n:
+        return _cutoff(np.zeros(0, np.int64) if not n else None, cfg)
+    # numpy's quantile with method="lower" takes the floor of (n - 1) q
+    k = int(np.floor((n - 1) * np.float64(1.0 - cfg.test_share)))
+    return pd.Timestamp(_kth_time(buckets, k), tz="UTC")
+
+
+def _note_part(names: pa.Array, partitions: int) -> np.ndarray:
+    """(n,) the pair partition of each note id: a hash of the id, the same in every bucket."""
+    return pd.util.hash_array(names.to_numpy(zero_copy_only=False)) % np.uint64(partitions)
 
 
 class _Partial:
-    """Directed scores of disjoint user sets, summed at :meth:`select`; counts as in _mine.
+    """Directed scores of disjoint user sets, summed and selected at :meth:`select` one
+    partition of notes at a time; counts as in _mine.
 
-    Partial scores are kept as Arrow tables (note ids as Arrow strings, ~40 B a row where
-    Python string objects take ~150) and coded to global note ids with Arrow hashing."""
+    :meth:`add` writes each bucket's directed pair scores to Parquet files under ``tmp``, one per
+    partition of note ids (a hash of the id): a pair goes to the partitions of both its notes.
+    A partition so holds every partial score of every pair touching its notes, in bucket order,
+    so it sums them (as the in-memory concatenation would) and ranks its notes' partners alone.
+    Peak memory is then about one bucket or one partition, not the whole pair table; pass as
+    many partitions as user buckets to keep a partition near a bucket's size."""
 
-    def __init__(self) -> None:
-        self.tables: list[pa.Table] = []
+    def __init__(self, tmp: str, partitions: int) -> None:
+        self.tmp, self.partitions = tmp, max(1, partitions)
+        self.writers: dict[int, pq.ParquetWriter] = {}
         self.counts = {"events": 0, "clicks": 0, "views": 0, "users": 0}
+
+    def _path(self, p: int, stage: str = "raw") -> str:
+        return os.path.join(self.tmp, f"{stage}-{p}.parquet")
 
     def add(self, ev: pd.DataFrame, cfg: MineConfig) -> None:
         clicks = int(ev["click"].sum())
@@ -411,30 +476,143 @@ class _Partial:
             return
         ids, a, b, score, users = _score_codes(ev, cfg.window_s, _support(cfg))
         names = pa.array(ids.astype(str).to_numpy(object), pa.string())
-        cols = {"query_id": names.take(pa.array(a)), "target_id": names.take(pa.array(b)),
-                "score": pa.array(score, pa.float64())}
+        part = _note_part(names, self.partitions).astype(np.int64)
+        pa_, pb_ = part[a], part[b]
+        other = np.flatnonzero(pb_ != pa_)
+        rows, dest = np.r_[np.arange(len(a)), other], np.r_[pa_, pb_[other]]
+        # rows keep the bucket's (a, b) order inside each partition, so both partitions of a
+        # pair sum its partial scores in the same order and agree to the last bit
+        order = np.lexsort((rows, dest))
+        rows, dest = rows[order], dest[order]
+        cols = {"query_id": names.take(pa.array(a[rows])),
+                "target_id": names.take(pa.array(b[rows])),
+                "score": pa.array(score[rows], pa.float64())}
         if users is not None:
-            cols["users"] = pa.array(users, pa.int64())
-        self.tables.append(pa.table(cols))
+            cols["users"] = pa.array(users[rows], pa.int64())
+        table = pa.table(cols)
+        starts = np.flatnonzero(np.r_[True, dest[1:] != dest[:-1]])
+        for s, e in zip(starts, np.r_[starts[1:], len(dest)], strict=True):
+            p = int(dest[s])
+            if p not in self.writers:
+                self.writers[p] = pq.ParquetWriter(self._path(p), table.schema)
+            self.writers[p].write_table(table.slice(s, e - s))
+
+    def _summed(self, p: int, cfg: MineConfig) -> tuple[pa.Array, np.ndarray, np.ndarray,
+                                                        np.ndarray, np.ndarray | None,
+                                                        np.ndarray]:
+        """Partition p's pairs summed: (ids, q, t, score, users, own) with q, t codes into the
+        sorted ``ids`` (rows sorted by (q, t); q < t when symmetric), users None unless
+        ``cfg.min_users`` > 1, own (n_ids,) bool: the note belongs to this partition."""
+        table = pq.read_table(self._path(p, "sum" if os.path.exists(self._path(p, "sum"))
+                                         else "raw"))
+        q_ids, t_ids = table["query_id"], table["target_id"]
+        ids = pc.unique(pa.chunked_array(q_ids.chunks + t_ids.chunks, pa.string()))
+        ids = ids.take(pc.sort_indices(ids))  # UTF-8 byte order = code point order
+        a = pc.index_in(q_ids, value_set=ids).to_numpy().astype(np.int64)
+        b = pc.index_in(t_ids, value_set=ids).to_numpy().astype(np.int64)
+        score = table["score"].to_numpy()
+        users = table["users"].to_numpy() if "users" in table.column_names else None
+        del table, q_ids, t_ids
+        n = np.int64(max(len(ids), 1))
+        q, t = (np.minimum(a, b), np.maximum(a, b)) if cfg.symmetric else (a, b)
+        del a, b
+        key, score, users = _group_sum(q * n + t, score, users if cfg.min_users > 1 else None)
+        own = _note_part(ids, self.partitions) == np.uint64(p)
+        return ids, key // n, key % n, score, users, own
 
     def select(self, cfg: MineConfig) -> tuple[pd.DataFrame, dict]:
-        if not self.tables:
+        """:func:`_select_codes` over all partitions: the same pairs and stats."""
+        for w in self.writers.values():
+            w.close()
+        parts, self.writers = sorted(self.writers), {}
+        if not parts:
             pairs, stats = _mine(_prepare(pd.DataFrame(columns=EVENT_COLUMNS)), cfg)
-        else:
-            table = pa.concat_tables(self.tables)
-            self.tables = []
-            q_ids, t_ids = table["query_id"], table["target_id"]
-            ids = pc.unique(pa.chunked_array(q_ids.chunks + t_ids.chunks, pa.string()))
-            ids = ids.take(pc.sort_indices(ids))  # UTF-8 byte order = code point order
-            a = pc.index_in(q_ids, value_set=ids).to_numpy().astype(np.int64)
-            b = pc.index_in(t_ids, value_set=ids).to_numpy().astype(np.int64)
-            score = table["score"].to_numpy()
-            users = table["users"].to_numpy() if "users" in table.column_names else None
-            del table, q_ids, t_ids
-            q, t, s, stats = _select_codes(a, b, score, len(ids), cfg, users)
-            pairs = pd.DataFrame({"query_id": ids.take(pa.array(q)).to_pandas(),
-                                  "target_id": ids.take(pa.array(t)).to_pandas(),
-                                  "score": s.astype(np.float64)})
+            return pairs, {**self.counts, **{k: v for k, v in stats.items()
+                                             if k not in self.counts}}
+        # pass 1: sum each partition (kept on disk, summed), count pairs (each in its query
+        # note's partition) and notes (each in its own partition) for the min_users coverage
+        scored = kept_pairs = notes_any = notes_kept = 0
+        for p in parts:
+            ids, q, t, s, users, own = self._summed(p, cfg)
+            cols = {"query_id": ids.take(pa.array(q)), "target_id": ids.take(pa.array(t)),
+                    "score": pa.array(s, pa.float64())}
+            if users is not None:
+                cols["users"] = pa.array(users, pa.int64())
+            pq.write_table(pa.table(cols), self._path(p, "sum"))
+            os.remove(self._path(p))
+            scored += int(own[q].sum())
+            notes_any += int(own[np.unique(np.r_[q, t])].sum())
+            if users is not None:
+                keep = users >= cfg.min_users
+                kept_pairs += int((own[q] & keep).sum())
+                notes_kept += int(own[np.unique(np.r_[q[keep], t[keep]])].sum())
+        stats: dict = {"scored_pairs": scored}
+        applied = False
+        if cfg.min_users > 1:
+            applied = notes_kept >= MIN_USERS_COVERAGE * notes_any
+            stats["min_users"] = {"threshold": cfg.min_users, "pairs_kept": kept_pairs,
+                                  "notes_with_pairs": notes_any, "notes_kept": notes_kept,
+                                  "applied": applied}
+            if not applied:
+                log.warning("mine.min_users=%d would leave %d of %d notes with a pair (%d of %d "
+                            "pairs), under %.0f %%: too sparse for a support threshold, so every "
+                            "pair is kept", cfg.min_users, notes_kept, notes_any, kept_pairs,
+                            scored, 100 * MIN_USERS_COVERAGE)
+
+        def supported(p: int) -> tuple:
+            ids, q, t, s, users, own = self._summed(p, cfg)
+            if applied:
+                keep = users >= cfg.min_users
+                q, t, s = q[keep], t[keep], s[keep]
+            return ids, q, t, s, own
+
+        stats["after_min_users"] = kept_pairs if applied else scored
+        lo_q, hi_q = cfg.min_score_quantile, cfg.max_score_quantile
+        bounds = None
+        if stats["after_min_users"] and (lo_q > 0.0 or hi_q < 1.0):
+            # the one table that grows with the pairs: their scores, 8 bytes a pair
+            scores = []
+            for p in parts:
+                _, q, _, s, own = supported(p)
+                scores.append(s[own[q]])
+            bounds = np.quantile(np.concatenate(scores), [lo_q, hi_q])
+            del scores
+            stats["score_bounds"] = [float(bounds[0]), float(bounds[1])]
+        # pass 2: drop, then rank the partners of this partition's notes
+        inside_n, out = 0, []
+        for p in parts:
+            ids, q, t, s, own = supported(p)
+            if bounds is not None:
+                inside = (s >= bounds[0]) & (s <= bounds[1])
+                q, t, s = q[inside], t[inside], s[inside]
+            inside_n += int(own[q].sum())
+            mine_q, mine_t = np.flatnonzero(own[q]), np.flatnonzero(own[t])
+            if cfg.symmetric:
+                # as _select_codes: [t-ends, q-ends] list every note's partners ascending
+                rows = np.r_[mine_t, mine_q]
+                top = rows[_top_k(np.r_[t[mine_t], q[mine_q]], s[rows], cfg.top_k)]
+            else:
+                top = mine_q[_top_k(q[mine_q], s[mine_q], cfg.top_k)]
+            top = np.unique(top)
+            out.append(pa.table({"query_id": ids.take(pa.array(q[top])),
+                                 "target_id": ids.take(pa.array(t[top])),
+                                 "score": pa.array(s[top], pa.float64())}))
+        stats["after_outlier_drop"] = inside_n
+        # a pair kept by both its notes, in two partitions, comes twice with the same score
+        table = pa.concat_tables(out)
+        del out
+        table = table.take(pc.sort_indices(table, [("query_id", "ascending"),
+                                                   ("target_id", "ascending")]))
+        qs, ts = table["query_id"], table["target_id"]
+        if len(table) > 1:
+            same = pc.and_(pc.equal(qs.slice(1), qs.slice(0, len(table) - 1)),
+                           pc.equal(ts.slice(1), ts.slice(0, len(table) - 1)))
+            first = np.r_[True, ~same.to_numpy(zero_copy_only=False)]
+            table = table.filter(pa.array(first))
+        stats["after_top_k"] = len(table)
+        pairs = pd.DataFrame({"query_id": table["query_id"].to_pandas(),
+                              "target_id": table["target_id"].to_pandas(),
+                              "score": table["score"].to_numpy()})
         return pairs, {**self.counts, **{k: v for k, v in stats.items()
                                          if k not in self.counts}}
 
@@ -445,14 +623,17 @@ def mine_pairs_files(paths: Sequence[str], cfg: MineConfig, partitions: int = 16
 
     One pass writes every batch's rows to ``partitions`` temporary Parquet buckets by a hash of
     user_id, so each user (and so N_u) lies whole in one bucket; each bucket is then scored in
-    memory and the partial directed scores (and distinct-user counts, for ``cfg.min_users``)
-    are summed before selection. Peak memory is about one bucket plus the directed pair table.
+    memory and its partial directed scores (and distinct-user counts, for ``cfg.min_users``)
+    written to ``partitions`` pair partitions by a hash of each of their notes; each partition
+    is then summed and its notes' partners ranked alone (:class:`_Partial`). Peak memory is
+    about one bucket or one pair partition.
     """
     with tempfile.TemporaryDirectory(prefix="mine-pairs-") as tmp:
-        partial = _Partial()
+        os.mkdir(os.path.join(tmp, "pairs"))
+        partial = _Partial(os.path.join(tmp, "pairs"), partitions)
         for bucket in _bucket(paths, tmp, partitions, batch_rows)["buckets"]:
             partial.add(pq.read_table(bucket).to_pandas(), cfg)
-    return partial.select(cfg)[0]  # sums across buckets
+        return partial.select(cfg)[0]
 
 
 # -- the same scoring as SQL, for a warehouse engine -------------------------------------------
@@ -618,25 +799,26 @@ def count_events(uri: str, ext: str) -> int:
 def _mine_streamed(events_uri: str, n_events: int, cfg: MineConfig,
                    notes_ids: Collection[str] | None, batch_rows: int = 1 << 20
                    ) -> tuple[dict[str, pd.DataFrame], dict, int, int]:
-    """:func:`split_pairs` of :func:`mine_pairs` without holding the events: they stream into
-    user buckets on local disk (each about half ``cfg.in_memory_max_events``), each bucket is
-    scored alone and the partial scores summed, as in :func:`mine_pairs_files`. The time split's
-    cut-off is computed from the event times alone (8 bytes an event). Returns (splits, info,
+    """:func:`split_pairs` of :func:`mine_pairs` without holding the events or the pair table:
+    events stream into user buckets on local disk (each about half
+    ``cfg.in_memory_max_events``), each bucket is scored alone and its partial pair scores go to
+    as many pair partitions by note, each then summed and ranked alone (:class:`_Partial`). The
+    time split's cut-off is found by passes over the buckets' times. Returns (splits, info,
     events read, events dropped); the same pairs and info as the in-memory path."""
     partitions = max(2, -(-2 * n_events // cfg.in_memory_max_events))
     rng = np.random.default_rng(cfg.seed)
     info: dict = {"method": cfg.split, "cutoff": None, "removed": {}}
     with tempfile.TemporaryDirectory(prefix="mine-pairs-") as tmp:
         b = _bucket([events_uri], tmp, partitions, min(batch_rows, cfg.in_memory_max_events),
-                    notes_ids, keep_times=cfg.split == "time" and not cfg.test_after)
+                    notes_ids)
         log.info("%d events in %d user buckets", b["read"] - b["dropped"], len(b["buckets"]))
         cut = None
         if cfg.split == "time":
-            times = b.pop("times")
-            cut = _cutoff(times if times is not None else np.zeros(0, np.int64), cfg)
-            del times
-        parts = {"before": _Partial(), "after": _Partial()} if cut is not None else \
-            {"all": _Partial()}
+            cut = _cutoff_of_buckets(b["buckets"], b["read"] - b["dropped"], cfg)
+        names = ("before", "after") if cut is not None else ("all",)
+        for name in names:
+            os.mkdir(os.path.join(tmp, name))
+        parts = {name: _Partial(os.path.join(tmp, name), partitions) for name in names}
         for bucket in b["buckets"]:
             ev = pq.read_table(bucket).to_pandas()
             if cut is None:
@@ -646,14 +828,17 @@ def _mine_streamed(events_uri: str, n_events: int, cfg: MineConfig,
                 parts["before"].add(ev[~after], cfg)
                 parts["after"].add(ev[after], cfg)
             del ev
+            os.remove(bucket)
+        if cut is not None:
+            train, info["mining_before"] = parts["before"].select(cfg)
+            test, info["mining_after"] = parts["after"].select(cfg)
+        else:
+            pairs = parts["all"].select(cfg)[0]
     if cut is not None:
-        train, info["mining_before"] = parts["before"].select(cfg)
-        test, info["mining_after"] = parts["after"].select(cfg)
         info["cutoff"], info["events"] = cut.isoformat(), {
             "before": info["mining_before"]["events"], "after": info["mining_after"]["events"]}
         splits, info = _finish_split(train, test, info, rng, cfg)
     else:
-        pairs = parts["all"].select(cfg)[0]
         splits, info = split_pairs(pairs, pd.DataFrame(columns=EVENT_COLUMNS), cfg)
     return splits, info, b["read"], b["dropped"]
 
