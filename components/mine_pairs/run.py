@@ -546,6 +546,7 @@ class _Partial:
                 keep = users >= cfg.min_users
                 kept_pairs += int((own[q] & keep).sum())
                 notes_kept += int(own[np.unique(np.r_[q[keep], t[keep]])].sum())
+        log.info("%d pair partitions summed: %d scored pairs", len(parts), scored)
         stats: dict = {"scored_pairs": scored}
         applied = False
         if cfg.min_users > 1:
@@ -598,6 +599,8 @@ class _Partial:
                                  "target_id": ids.take(pa.array(t[top])),
                                  "score": pa.array(s[top], pa.float64())}))
         stats["after_outlier_drop"] = inside_n
+        log.info("top-k ranked in %d pair partitions: %d rows kept", len(parts),
+                 sum(len(t) for t in out))
         # a pair kept by both its notes, in two partitions, comes twice with the same score
         table = pa.concat_tables(out)
         del out
@@ -829,6 +832,7 @@ def _mine_streamed(events_uri: str, n_events: int, cfg: MineConfig,
                 parts["after"].add(ev[after], cfg)
             del ev
             os.remove(bucket)
+        log.info("%d user buckets scored into %d pair partitions", len(b["buckets"]), partitions)
         if cut is not None:
             train, info["mining_before"] = parts["before"].select(cfg)
             test, info["mining_after"] = parts["after"].select(cfg)
