@@ -500,9 +500,9 @@ class _Partial:
     def _summed(self, p: int, cfg: MineConfig) -> tuple[pa.Array, np.ndarray, np.ndarray,
                                                         np.ndarray, np.ndarray | None,
                                                         np.ndarray]:
-        """Partition p's pairs summed: (ids, q, t, score, users, own) with q, t codes into the
+        """Partition p's pairs summed: (ids, q, t, score, users, part) with q, t codes into the
         sorted ``ids`` (rows sorted by (q, t); q < t when symmetric), users None unless
-        ``cfg.min_users`` > 1, own (n_ids,) bool: the note belongs to this partition."""
+        ``cfg.min_users`` > 1, part (n_ids,) uint64: each note's partition (p: its own)."""
         table = pq.read_table(self._path(p, "sum" if os.path.exists(self._path(p, "sum"))
                                          else "raw"))
         q_ids, t_ids = table["query_id"], table["target_id"]
@@ -517,23 +517,26 @@ class _Partial:
         q, t = (np.minimum(a, b), np.maximum(a, b)) if cfg.symmetric else (a, b)
         del a, b
         key, score, users = _group_sum(q * n + t, score, users if cfg.min_users > 1 else None)
-        own = _note_part(ids, self.partitions) == np.uint64(p)
-        return ids, key // n, key % n, score, users, own
+        return ids, key // n, key % n, score, users, _note_part(ids, self.partitions)
 
-    def select(self, cfg: MineConfig) -> tuple[pd.DataFrame, dict]:
-        """:func:`_select_codes` over all partitions: the same pairs and stats."""
+    def select(self, cfg: MineConfig, drop_notes: pa.Array | None = None
+               ) -> tuple[pd.DataFrame, dict, int]:
+        """:func:`_select_codes` over all partitions: the same pairs and stats, and the number of
+        selected pairs removed because they touch a note in ``drop_notes`` (string ids, for the
+        time split's test notes: removed here, partition by partition, they are never held)."""
         for w in self.writers.values():
             w.close()
         parts, self.writers = sorted(self.writers), {}
         if not parts:
             pairs, stats = _mine(_prepare(pd.DataFrame(columns=EVENT_COLUMNS)), cfg)
             return pairs, {**self.counts, **{k: v for k, v in stats.items()
-                                             if k not in self.counts}}
+                                             if k not in self.counts}}, 0
         # pass 1: sum each partition (kept on disk, summed), count pairs (each in its query
         # note's partition) and notes (each in its own partition) for the min_users coverage
         scored = kept_pairs = notes_any = notes_kept = 0
         for p in parts:
-            ids, q, t, s, users, own = self._summed(p, cfg)
+            ids, q, t, s, users, part = self._summed(p, cfg)
+            own = part == np.uint64(p)
             cols = {"query_id": ids.take(pa.array(q)), "target_id": ids.take(pa.array(t)),
                     "score": pa.array(s, pa.float64())}
             if users is not None:
@@ -561,11 +564,11 @@ class _Partial:
                             scored, 100 * MIN_USERS_COVERAGE)
 
         def supported(p: int) -> tuple:
-            ids, q, t, s, users, own = self._summed(p, cfg)
+            ids, q, t, s, users, part = self._summed(p, cfg)
             if applied:
                 keep = users >= cfg.min_users
                 q, t, s = q[keep], t[keep], s[keep]
-            return ids, q, t, s, own
+            return ids, q, t, s, part
 
         stats["after_min_users"] = kept_pairs if applied else scored
         lo_q, hi_q = cfg.min_score_quantile, cfg.max_score_quantile
@@ -574,50 +577,82 @@ class _Partial:
             # the one table that grows with the pairs: their scores, 8 bytes a pair
             scores = []
             for p in parts:
-                _, q, _, s, own = supported(p)
-                scores.append(s[own[q]])
+                _, q, _, s, part = supported(p)
+                scores.append(s[part[q] == np.uint64(p)])
             bounds = np.quantile(np.concatenate(scores), [lo_q, hi_q])
             del scores
             stats["score_bounds"] = [float(bounds[0]), float(bounds[1])]
-        # pass 2: drop, then rank the partners of this partition's notes
-        inside_n, out = 0, []
-        for p in parts:
-            ids, q, t, s, own = supported(p)
-            if bounds is not None:
-                inside = (s >= bounds[0]) & (s <= bounds[1])
-                q, t, s = q[inside], t[inside], s[inside]
-            inside_n += int(own[q].sum())
-            mine_q, mine_t = np.flatnonzero(own[q]), np.flatnonzero(own[t])
-            if cfg.symmetric:
-                # as _select_codes: [t-ends, q-ends] list every note's partners ascending
-                rows = np.r_[mine_t, mine_q]
-                top = rows[_top_k(np.r_[t[mine_t], q[mine_q]], s[rows], cfg.top_k)]
-            else:
-                top = mine_q[_top_k(q[mine_q], s[mine_q], cfg.top_k)]
-            top = np.unique(top)
-            out.append(pa.table({"query_id": ids.take(pa.array(q[top])),
-                                 "target_id": ids.take(pa.array(t[top])),
-                                 "score": pa.array(s[top], pa.float64())}))
+        # pass 2: drop, then rank the partners of this partition's notes; a pair kept goes to
+        # the partition of its query note, where pass 3 meets it again if both notes kept it
+        inside_n, kept = 0, {}
+        try:
+            for p in parts:
+                ids, q, t, s, part = supported(p)
+                if bounds is not None:
+                    inside = (s >= bounds[0]) & (s <= bounds[1])
+                    q, t, s = q[inside], t[inside], s[inside]
+                own = part == np.uint64(p)
+                inside_n += int(own[q].sum())
+                mine_q, mine_t = np.flatnonzero(own[q]), np.flatnonzero(own[t])
+                if cfg.symmetric:
+                    # as _select_codes: [t-ends, q-ends] list every note's partners ascending
+                    rows = np.r_[mine_t, mine_q]
+                    top = rows[_top_k(np.r_[t[mine_t], q[mine_q]], s[rows], cfg.top_k)]
+                else:
+                    top = mine_q[_top_k(q[mine_q], s[mine_q], cfg.top_k)]
+                top = np.unique(top)
+                dest = part[q[top]].astype(np.int64)
+                top = top[np.argsort(dest, kind="stable")]
+                dest = np.sort(dest)
+                table = pa.table({"query_id": ids.take(pa.array(q[top])),
+                                  "target_id": ids.take(pa.array(t[top])),
+                                  "score": pa.array(s[top], pa.float64())})
+                starts = np.flatnonzero(np.r_[True, dest[1:] != dest[:-1]])
+                for a, e in zip(starts, np.r_[starts[1:], len(dest)], strict=True) if len(dest) \
+                        else ():
+                    d = int(dest[a])
+                    if d not in kept:
+                        kept[d] = pq.ParquetWriter(self._path(d, "kept"), table.schema)
+                    kept[d].write_table(table.slice(a, e - a))
+                os.remove(self._path(p, "sum"))
+        finally:
+            for w in kept.values():
+                w.close()
         stats["after_outlier_drop"] = inside_n
-        log.info("top-k ranked in %d pair partitions: %d rows kept", len(parts),
-                 sum(len(t) for t in out))
-        # a pair kept by both its notes, in two partitions, comes twice with the same score
-        table = pa.concat_tables(out)
+        # pass 3: each partition's kept pairs by query note, a pair kept by both its notes twice
+        # (with the same score: both partitions summed it alike) and so deduplicated here
+        out, n_kept, removed = [], 0, 0
+        for p in sorted(kept):
+            table = pq.read_table(self._path(p, "kept"))
+            os.remove(self._path(p, "kept"))
+            table = table.take(pc.sort_indices(table, [("query_id", "ascending"),
+                                                       ("target_id", "ascending")]))
+            qs, ts = table["query_id"], table["target_id"]
+            if len(table) > 1:
+                same = pc.and_(pc.equal(qs.slice(1), qs.slice(0, len(table) - 1)),
+                               pc.equal(ts.slice(1), ts.slice(0, len(table) - 1)))
+                table = table.filter(pa.array(np.r_[True, ~same.to_numpy(zero_copy_only=False)]))
+            n_kept += len(table)
+            if drop_notes is not None and len(table):
+                touching = pc.or_(pc.is_in(table["query_id"], value_set=drop_notes),
+                                  pc.is_in(table["target_id"], value_set=drop_notes))
+                removed += int(pc.sum(touching).as_py() or 0)
+                table = table.filter(pc.invert(touching))
+            out.append(table)
+        stats["after_top_k"] = n_kept
+        log.info("%d pairs selected in %d pair partitions, %d removed touching dropped notes",
+                 n_kept, len(parts), removed)
+        table = pa.concat_tables(out) if out else pa.table(
+            {"query_id": pa.array([], pa.string()), "target_id": pa.array([], pa.string()),
+             "score": pa.array([], pa.float64())})
         del out
         table = table.take(pc.sort_indices(table, [("query_id", "ascending"),
                                                    ("target_id", "ascending")]))
-        qs, ts = table["query_id"], table["target_id"]
-        if len(table) > 1:
-            same = pc.and_(pc.equal(qs.slice(1), qs.slice(0, len(table) - 1)),
-                           pc.equal(ts.slice(1), ts.slice(0, len(table) - 1)))
-            first = np.r_[True, ~same.to_numpy(zero_copy_only=False)]
-            table = table.filter(pa.array(first))
-        stats["after_top_k"] = len(table)
         pairs = pd.DataFrame({"query_id": table["query_id"].to_pandas(),
                               "target_id": table["target_id"].to_pandas(),
                               "score": table["score"].to_numpy()})
         return pairs, {**self.counts, **{k: v for k, v in stats.items()
-                                         if k not in self.counts}}
+                                         if k not in self.counts}}, removed
 
 
 def mine_pairs_files(paths: Sequence[str], cfg: MineConfig, partitions: int = 16,
@@ -834,14 +869,21 @@ def _mine_streamed(events_uri: str, n_events: int, cfg: MineConfig,
             os.remove(bucket)
         log.info("%d user buckets scored into %d pair partitions", len(b["buckets"]), partitions)
         if cut is not None:
-            train, info["mining_before"] = parts["before"].select(cfg)
-            test, info["mining_after"] = parts["after"].select(cfg)
+            # test pairs first: train pairs touching their notes are then removed as they are
+            # selected, so the train pairs are never held whole (the in-memory split removes
+            # them after selection: the same pairs and counts)
+            info["mining_before"] = None
+            test, info["mining_after"], _ = parts["after"].select(cfg)
+            test_notes = _notes(test).cast(pa.string())
+            train, info["mining_before"], touching = parts["before"].select(cfg, test_notes)
+            del test_notes
         else:
             pairs = parts["all"].select(cfg)[0]
     if cut is not None:
         info["cutoff"], info["events"] = cut.isoformat(), {
             "before": info["mining_before"]["events"], "after": info["mining_after"]["events"]}
         splits, info = _finish_split(train, test, info, rng, cfg)
+        info["removed"]["train_touching_test"] += touching
     else:
         splits, info = split_pairs(pairs, pd.DataFrame(columns=EVENT_COLUMNS), cfg)
     return splits, info, b["read"], b["dropped"]

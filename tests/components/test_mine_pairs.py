@@ -7,6 +7,7 @@ from fractions import Fraction
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from components.common.readers import read_table, write_table
@@ -525,14 +526,19 @@ def test_pair_partitions_rank_each_note_once_and_sum_alike(tmp_path, monkeypatch
     for symmetric in (True, False):
         cfg = MineConfig(window_s=1800, top_k=2, symmetric=symmetric, min_users=2)
         expected, expected_stats = mine_module._mine(events, cfg)
-        os.makedirs(tmp_path / str(symmetric))
-        partial = mine_module._Partial(str(tmp_path / str(symmetric)), 5)
-        for _, part in events.groupby(events["user_id"].str[-1]):  # 4 disjoint user sets
-            partial.add(part.reset_index(drop=True), cfg)
-        assert len(partial.writers) >= 3  # the pairs really are spread
-        got, stats = partial.select(cfg)
-        assert stats == expected_stats and len(expected)
-        pd.testing.assert_frame_equal(got, expected, check_exact=False, rtol=1e-12)
+        drop = pd.unique(expected["target_id"])[::3]  # notes whose pairs are removed
+        for name, notes in (("all", None), ("drop", pa.array(drop, pa.string()))):
+            os.makedirs(tmp_path / f"{symmetric}-{name}")
+            partial = mine_module._Partial(str(tmp_path / f"{symmetric}-{name}"), 5)
+            for _, part in events.groupby(events["user_id"].str[-1]):  # 4 disjoint user sets
+                partial.add(part.reset_index(drop=True), cfg)
+            assert len(partial.writers) >= 3  # the pairs really are spread
+            got, stats, removed = partial.select(cfg, notes)
+            assert stats == expected_stats and len(expected)
+            touching = expected["query_id"].isin(drop) | expected["target_id"].isin(drop)
+            assert removed == (0 if notes is None else touching.sum()) and (notes is None or removed)
+            want = expected if notes is None else expected[~touching].reset_index(drop=True)
+            pd.testing.assert_frame_equal(got, want, check_exact=False, rtol=1e-12)
 
 
 @pytest.mark.parametrize("share", [0.0, 0.2, 0.5, 0.97])
