@@ -777,12 +777,18 @@ def split_pairs(pairs: pd.DataFrame | None, events: pd.DataFrame, cfg: MineConfi
 
 
 def _finish_split(train: pd.DataFrame, test: pd.DataFrame, info: dict, rng: np.random.Generator,
-                  cfg: MineConfig) -> tuple[dict[str, pd.DataFrame], dict]:
+                  cfg: MineConfig, test_notes: pa.Array | None = None
+                  ) -> tuple[dict[str, pd.DataFrame], dict]:
     """The tail of :func:`split_pairs` once train and test pairs are known: drop train pairs
-    touching a test note, hold out val, assert no leak, count."""
-    in_q, in_t = _touching(train, _notes(test))
-    info["removed"]["train_touching_test"] = int((in_q | in_t).sum())
-    train = train[~(in_q | in_t)].reset_index(drop=True)
+    touching a test note, hold out val, assert no leak, count. ``test_notes``: ``_notes(test)``
+    when the caller has it."""
+    in_q, in_t = _touching(train, _notes(test) if test_notes is None else test_notes)
+    touching = in_q | in_t
+    del in_q, in_t
+    info["removed"]["train_touching_test"] = int(touching.sum())
+    if touching.any():  # no copy of the train pairs when none goes
+        train = train[~touching].reset_index(drop=True)
+    del touching
     held = np.zeros(len(train), dtype=bool)
     held[rng.permutation(len(train))[:round(cfg.val_share * len(train))]] = True
     train, val = train[~held].reset_index(drop=True), train[held].reset_index(drop=True)
@@ -872,18 +878,25 @@ def _mine_streamed(events_uri: str, n_events: int, cfg: MineConfig,
             # test pairs first: train pairs touching their notes are then removed as they are
             # selected, so the train pairs are never held whole (the in-memory split removes
             # them after selection: the same pairs and counts)
-            info["mining_before"] = None
+            info["cutoff"], info["mining_before"] = cut.isoformat(), None  # the in-memory order
             test, info["mining_after"], _ = parts["after"].select(cfg)
-            test_notes = _notes(test).cast(pa.string())
-            train, info["mining_before"], touching = parts["before"].select(cfg, test_notes)
-            del test_notes
+            info["events"] = None
+            test_notes = _notes(test)
+            touching = [0]
+
+            def train() -> pd.DataFrame:  # no name here holds the train pairs during the split
+                pairs, info["mining_before"], touching[0] = parts["before"].select(
+                    cfg, test_notes.cast(pa.string()))
+                return pairs
+
+            splits, info = _finish_split(train(), test, info, rng, cfg, test_notes)
+            del test, test_notes
+            info["removed"]["train_touching_test"] += touching[0]
         else:
             pairs = parts["all"].select(cfg)[0]
     if cut is not None:
-        info["cutoff"], info["events"] = cut.isoformat(), {
-            "before": info["mining_before"]["events"], "after": info["mining_after"]["events"]}
-        splits, info = _finish_split(train, test, info, rng, cfg)
-        info["removed"]["train_touching_test"] += touching
+        info["events"] = {"before": info["mining_before"]["events"],
+                          "after": info["mining_after"]["events"]}
     else:
         splits, info = split_pairs(pairs, pd.DataFrame(columns=EVENT_COLUMNS), cfg)
     return splits, info, b["read"], b["dropped"]
