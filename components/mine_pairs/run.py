@@ -486,7 +486,9 @@ class _Partial:
         rows, dest = rows[order], dest[order]
         cols = {"query_id": names.take(pa.array(a[rows])),
                 "target_id": names.take(pa.array(b[rows])),
-                "score": pa.array(score[rows], pa.float64())}
+                "score": pa.array(score[rows], pa.float64()),
+                "query_part": pa.array(pa_[rows], pa.int32()),  # so no partition hashes again
+                "target_part": pa.array(pb_[rows], pa.int32())}
         if users is not None:
             cols["users"] = pa.array(users[rows], pa.int64())
         table = pa.table(cols)
@@ -502,14 +504,25 @@ class _Partial:
                                                         np.ndarray]:
         """Partition p's pairs summed: (ids, q, t, score, users, part) with q, t codes into the
         sorted ``ids`` (rows sorted by (q, t); q < t when symmetric), users None unless
-        ``cfg.min_users`` > 1, part (n_ids,) uint64: each note's partition (p: its own)."""
-        table = pq.read_table(self._path(p, "sum" if os.path.exists(self._path(p, "sum"))
-                                         else "raw"))
+        ``cfg.min_users`` > 1, part (n_ids,) int64: each note's partition (p: its own).
+
+        The first call sums the raw partial scores and keeps the result on disk, coded; later
+        calls read that back."""
+        if os.path.exists(self._path(p, "sum")):
+            table = pq.read_table(self._path(p, "sum"))
+            notes = pq.read_table(self._path(p, "ids"))
+            users = table["users"].to_numpy() if "users" in table.column_names else None
+            return (notes["id"].combine_chunks(), table["q"].to_numpy(), table["t"].to_numpy(),
+                    table["score"].to_numpy(), users, notes["part"].to_numpy())
+        table = pq.read_table(self._path(p))
         q_ids, t_ids = table["query_id"], table["target_id"]
         ids = pc.unique(pa.chunked_array(q_ids.chunks + t_ids.chunks, pa.string()))
         ids = ids.take(pc.sort_indices(ids))  # UTF-8 byte order = code point order
         a = pc.index_in(q_ids, value_set=ids).to_numpy().astype(np.int64)
         b = pc.index_in(t_ids, value_set=ids).to_numpy().astype(np.int64)
+        part = np.empty(len(ids), np.int64)
+        part[a] = table["query_part"].to_numpy()
+        part[b] = table["target_part"].to_numpy()
         score = table["score"].to_numpy()
         users = table["users"].to_numpy() if "users" in table.column_names else None
         del table, q_ids, t_ids
@@ -517,7 +530,14 @@ class _Partial:
         q, t = (np.minimum(a, b), np.maximum(a, b)) if cfg.symmetric else (a, b)
         del a, b
         key, score, users = _group_sum(q * n + t, score, users if cfg.min_users > 1 else None)
-        return ids, key // n, key % n, score, users, _note_part(ids, self.partitions)
+        q, t = key // n, key % n
+        cols = {"q": pa.array(q), "t": pa.array(t), "score": pa.array(score, pa.float64())}
+        if users is not None:
+            cols["users"] = pa.array(users, pa.int64())
+        pq.write_table(pa.table(cols), self._path(p, "sum"))
+        pq.write_table(pa.table({"id": ids, "part": pa.array(part)}), self._path(p, "ids"))
+        os.remove(self._path(p))
+        return ids, q, t, score, users, part
 
     def select(self, cfg: MineConfig, drop_notes: pa.Array | None = None
                ) -> tuple[pd.DataFrame, dict, int]:
@@ -535,14 +555,8 @@ class _Partial:
         # note's partition) and notes (each in its own partition) for the min_users coverage
         scored = kept_pairs = notes_any = notes_kept = 0
         for p in parts:
-            ids, q, t, s, users, part = self._summed(p, cfg)
-            own = part == np.uint64(p)
-            cols = {"query_id": ids.take(pa.array(q)), "target_id": ids.take(pa.array(t)),
-                    "score": pa.array(s, pa.float64())}
-            if users is not None:
-                cols["users"] = pa.array(users, pa.int64())
-            pq.write_table(pa.table(cols), self._path(p, "sum"))
-            os.remove(self._path(p))
+            _, q, t, _, users, part = self._summed(p, cfg)
+            own = part == p
             scored += int(own[q].sum())
             notes_any += int(own[np.unique(np.r_[q, t])].sum())
             if users is not None:
@@ -578,7 +592,7 @@ class _Partial:
             scores = []
             for p in parts:
                 _, q, _, s, part = supported(p)
-                scores.append(s[part[q] == np.uint64(p)])
+                scores.append(s[part[q] == p])
             bounds = np.quantile(np.concatenate(scores), [lo_q, hi_q])
             del scores
             stats["score_bounds"] = [float(bounds[0]), float(bounds[1])]
@@ -591,7 +605,7 @@ class _Partial:
                 if bounds is not None:
                     inside = (s >= bounds[0]) & (s <= bounds[1])
                     q, t, s = q[inside], t[inside], s[inside]
-                own = part == np.uint64(p)
+                own = part == p
                 inside_n += int(own[q].sum())
                 mine_q, mine_t = np.flatnonzero(own[q]), np.flatnonzero(own[t])
                 if cfg.symmetric:
@@ -615,6 +629,7 @@ class _Partial:
                         kept[d] = pq.ParquetWriter(self._path(d, "kept"), table.schema)
                     kept[d].write_table(table.slice(a, e - a))
                 os.remove(self._path(p, "sum"))
+                os.remove(self._path(p, "ids"))
         finally:
             for w in kept.values():
                 w.close()
