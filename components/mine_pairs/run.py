@@ -25,9 +25,11 @@ the step's stats record it (``min_users.applied``).
 The engine is NumPy: events are sorted by (user, time) once, each click finds its window of views
 with two binary searches and the (click, view) matches are expanded with ``np.repeat``; no Python
 loop touches events. ``tests/benchmarks/bench_mine_pairs.py`` measures it against a DuckDB range
-join. Logs larger than memory go through :func:`mine_pairs_files`, which buckets users by hash;
-the step (:func:`run`, :func:`step`) takes that path by itself above ``mine.in_memory_max_events``
-(counted from the Parquet footer, or estimated from a CSV/JSONL file's size), with the same pairs.
+join. Logs larger than memory go through :func:`mine_pairs_files`, which buckets users by hash
+and spills the partial pair scores to pair partitions by note (:class:`_Partial`), so neither
+the events nor the pair table is held whole; the step (:func:`run`, :func:`step`) takes that path
+by itself above ``mine.in_memory_max_events`` (counted from the Parquet footer, or estimated from
+a CSV/JSONL file's size), with the same pairs.
 ``pairs.sql`` is the same miner as one warehouse query (:func:`warehouse_sql`).
 """
 
