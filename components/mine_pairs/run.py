@@ -907,7 +907,9 @@ def _mine_streamed(events_uri: str, n_events: int, cfg: MineConfig,
         for name in names:
             os.mkdir(os.path.join(tmp, name))
         parts = {name: _Partial(os.path.join(tmp, name), partitions) for name in names}
-        for bucket in b["buckets"]:
+        for i, bucket in enumerate(b["buckets"]):
+            if i and i % 10 == 0:
+                log.info("%d of %d user buckets scored", i, len(b["buckets"]))
             ev = pq.read_table(bucket).to_pandas()
             if cut is None:
                 parts["all"].add(ev, cfg)

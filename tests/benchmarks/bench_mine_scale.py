@@ -76,8 +76,16 @@ def _child(path: str, out: str, engine: str) -> None:
 
     import pyarrow.parquet as pq
 
-    if os.environ.get("MINE_SCALE_LOG"):  # the step's progress on stderr, with timestamps
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if os.environ.get("MINE_SCALE_LOG"):  # the step's progress on stderr: time, RSS now, peak
+        def rss(record: logging.LogRecord) -> bool:
+            with open("/proc/self/status") as f:
+                kib = dict(line.split(":", 1) for line in f)
+            record.rss = "RSS {:.2f} GiB, peak {:.2f}".format(
+                *(int(kib[k].split()[0]) / 2**20 for k in ("VmRSS", "VmHWM")))
+            return True
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(rss)s  %(message)s")
+        logging.getLogger().handlers[0].addFilter(rss)
 
     from components.common.config import MineConfig
     from components.mine_pairs.run import run
