@@ -1,9 +1,12 @@
 -- Related-note pairs from view→click co-occurrence: the scoring and selection of
 -- components/mine_pairs/run.py (mine_pairs) as one SQL query, for a warehouse engine at billions
 -- of events. Tested on DuckDB against the Python engine (tests/components/test_mine_pairs.py);
--- written in the SQL that BigQuery and Spark SQL share (window functions, LEAST/GREATEST,
--- COUNT(DISTINCT), a join on user with a range condition). Render it with run.warehouse_sql(cfg),
--- which fills the {placeholders} below.
+-- written in the SQL that BigQuery and Spark SQL share (window functions partitioned by user,
+-- LEAST/GREATEST, COUNT(DISTINCT), a join on user with a range condition, 1E0 as a DOUBLE/FLOAT64
+-- literal). One construct needs translating for BigQuery: the ordered-set aggregate
+-- PERCENTILE_CONT(q) WITHIN GROUP (ORDER BY score) in `bounds` (standard SQL; DuckDB, Spark 3.3+,
+-- PostgreSQL) is there PERCENTILE_CONT(score, q) OVER () on the rows of `supported`, taken once.
+-- Render it with run.warehouse_sql(cfg), which fills the {placeholders} below.
 --
 -- Input {events}: user_id, note_id (strings), event ('view' | 'click'), t (BIGINT microseconds
 -- since the epoch: DuckDB epoch_us(ts), BigQuery UNIX_MICROS(ts), Spark unix_micros(ts)).
@@ -16,8 +19,10 @@
 WITH e AS (
   SELECT user_id, note_id, event = 'click' AS click, t FROM {events}
 ),
-clicks AS (  -- each click event its own id: repeated clicks count again
-  SELECT ROW_NUMBER() OVER (ORDER BY user_id, t, note_id) AS cid, user_id, note_id AS b, t
+clicks AS (  -- each click event its own id within its user: repeated clicks count again
+  -- (numbered per user, so no engine has to sort all clicks on one worker)
+  SELECT ROW_NUMBER() OVER (PARTITION BY user_id ORDER BY t, note_id) AS cid, user_id,
+         note_id AS b, t
   FROM e WHERE click
 ),
 n_u AS (
@@ -33,7 +38,7 @@ matches AS (  -- one row per (click, viewed note): several views of A in one win
 scored AS (  -- symmetric: {A, B} scores s(A→B) + s(B→A), written once with query < target
   SELECT CASE WHEN {symmetric} THEN LEAST(m.a, m.b) ELSE m.a END AS q,
          CASE WHEN {symmetric} THEN GREATEST(m.a, m.b) ELSE m.b END AS p,
-         SUM(CAST(1 AS DOUBLE) / n.n) AS score,
+         SUM(1E0 / n.n) AS score,
          COUNT(DISTINCT m.user_id) AS users
   FROM matches m JOIN n_u n ON n.user_id = m.user_id
   GROUP BY 1, 2
@@ -47,9 +52,9 @@ supported AS (
   SELECT s.* FROM scored s CROSS JOIN coverage c
   WHERE s.users >= {min_users} OR c.kept < {min_users_coverage} * c.total
 ),
-bounds AS (  -- linear-interpolated quantiles, as numpy's (BigQuery/Spark: PERCENTILE_CONT)
-  SELECT QUANTILE_CONT(score, {min_score_quantile}) AS lo,
-         QUANTILE_CONT(score, {max_score_quantile}) AS hi
+bounds AS (  -- linear-interpolated quantiles, as numpy's
+  SELECT PERCENTILE_CONT({min_score_quantile}) WITHIN GROUP (ORDER BY score) AS lo,
+         PERCENTILE_CONT({max_score_quantile}) WITHIN GROUP (ORDER BY score) AS hi
   FROM supported
 ),
 inside AS (

@@ -25,9 +25,11 @@ the step's stats record it (``min_users.applied``).
 The engine is NumPy: events are sorted by (user, time) once, each click finds its window of views
 with two binary searches and the (click, view) matches are expanded with ``np.repeat``; no Python
 loop touches events. ``tests/benchmarks/bench_mine_pairs.py`` measures it against a DuckDB range
-join. Logs larger than memory go through :func:`mine_pairs_files`, which buckets users by hash;
-the step (:func:`run`, :func:`step`) takes that path by itself above ``mine.in_memory_max_events``
-(counted from the Parquet footer, or estimated from a CSV/JSONL file's size), with the same pairs.
+join. Logs larger than memory go through :func:`mine_pairs_files`, which buckets users by hash
+and spills the partial pair scores to pair partitions by note (:class:`_Partial`), so neither
+the events nor the pair table is held whole; the step (:func:`run`, :func:`step`) takes that path
+by itself above ``mine.in_memory_max_events`` (counted from the Parquet footer, or estimated from
+a CSV/JSONL file's size), with the same pairs.
 ``pairs.sql`` is the same miner as one warehouse query (:func:`warehouse_sql`).
 """
 
@@ -62,15 +64,29 @@ MIN_USERS_COVERAGE = 0.75
 _ONE_KEY_LIMIT = 2**62  # (user, pair) packs into one int64 below this many combinations
 
 
-def _epoch_ns(ts: pd.Series) -> np.ndarray:
-    """Event times as int64 nanoseconds since the epoch; numbers are taken as seconds."""
+def _epoch_ns(ts: pd.Series, file: str = "events", first_row: int = 1) -> np.ndarray:
+    """Event times as int64 nanoseconds since the epoch; numbers are taken as seconds.
+
+    A missing or unparseable time raises :class:`DataError` naming ``file``, the row (``first_row``
+    is the file row of ``ts``'s first element) and the field."""
     if pd.api.types.is_numeric_dtype(ts):
+        bad = ~np.isfinite(ts.to_numpy(np.float64))
+        parsed = None
+    else:
+        if not isinstance(ts.dtype, pd.DatetimeTZDtype | np.dtypes.DateTime64DType):
+            parsed = pd.to_datetime(ts, utc=True, format="ISO8601", errors="coerce")
+        elif getattr(ts.dt, "tz", None) is None:
+            parsed = ts.dt.tz_localize("UTC")
+        else:
+            parsed = ts
+        bad = parsed.isna().to_numpy()
+    if bad.any():
+        i = int(bad.argmax())
+        raise DataError(f"{where(file, first_row + i, 'ts')}: unparseable timestamp "
+                        f"{ts.iloc[i]!r}")
+    if parsed is None:
         return np.round(ts.to_numpy(np.float64) * 1e9).astype(np.int64)
-    if not isinstance(ts.dtype, pd.DatetimeTZDtype | np.dtypes.DateTime64DType):
-        ts = pd.to_datetime(ts, utc=True, format="ISO8601")
-    elif getattr(ts.dt, "tz", None) is None:
-        ts = ts.dt.tz_localize("UTC")
-    return ts.dt.as_unit("ns").astype("int64").to_numpy()
+    return parsed.dt.as_unit("ns").astype("int64").to_numpy()
 
 
 def _prepare(events: pd.DataFrame, file: str = "events", first_row: int = 1) -> pd.DataFrame:
@@ -92,7 +108,7 @@ def _prepare(events: pd.DataFrame, file: str = "events", first_row: int = 1) -> 
     return pd.DataFrame({"user_id": events["user_id"].astype(str).reset_index(drop=True),
                          "note_id": events["note_id"].astype(str).reset_index(drop=True),
                          "click": (kind == "click").to_numpy(),
-                         "t": _epoch_ns(events["ts"])})
+                         "t": _epoch_ns(events["ts"], file, first_row)})
 
 
 def _group_sum(key: np.ndarray, weight: np.ndarray, count: np.ndarray | None = None
@@ -348,18 +364,16 @@ def _batches(path: str, rows: int) -> Iterator[pd.DataFrame]:
 
 
 def _bucket(paths: Sequence[str], tmp: str, partitions: int, batch_rows: int,
-            keep_notes: Collection[str] | None = None, keep_times: bool = False) -> dict:
+            keep_notes: Collection[str] | None = None) -> dict:
     """Stream event files, ``batch_rows`` at a time, into ``partitions`` Parquet buckets under
     ``tmp`` by a hash of user_id (so each user, and so N_u, lies whole in one bucket).
 
     Rows naming a note outside ``keep_notes`` (when given) are dropped and counted. Returns
-    {"buckets": paths of the non-empty buckets, "read", "dropped", "times": the (n_kept,) int64
-    event times when ``keep_times`` (for the time split's cut-off), else None}.
+    {"buckets": paths of the non-empty buckets, "read", "dropped"}.
     """
     writers: dict[int, pq.ParquetWriter] = {}
     keep = None if keep_notes is None else pa.array(list(keep_notes), pa.string())
     read = dropped = 0
-    times: list[np.ndarray] = []
     try:
         for path in paths:
             row = 1
@@ -374,8 +388,6 @@ def _bucket(paths: Sequence[str], tmp: str, partitions: int, batch_rows: int,
                                      value_set=keep).to_numpy(zero_copy_only=False)
                     dropped += int((~known).sum())
                     ev = ev[known]
-                if keep_times:
-                    times.append(ev["t"].to_numpy(np.int64))
                 bucket = pd.util.hash_array(ev["user_id"].to_numpy(object)) % partitions
                 for p, part in ev.groupby(bucket, sort=False):
                     table = pa.Table.from_pandas(part, preserve_index=False)
@@ -387,20 +399,102 @@ def _bucket(paths: Sequence[str], tmp: str, partitions: int, batch_rows: int,
         for w in writers.values():
             w.close()
     return {"buckets": [os.path.join(tmp, f"{p}.parquet") for p in sorted(writers)],
-            "read": read, "dropped": dropped,
-            "times": np.concatenate(times) if times else (np.zeros(0, np.int64) if keep_times
-                                                          else None)}
+            "read": read, "dropped": dropped}
+
+
+_SELECT_ROWS = 1 << 22  # a k-th smallest search gathers the values once this few are left
+
+
+def _kth_time(buckets: Sequence[str], k: int) -> int:
+    """The k-th smallest (0-based) event time ``t`` across bucket files, holding a histogram and
+    at most ``_SELECT_ROWS`` times, not the column: each pass reads ``t`` bucket by bucket and
+    narrows [lo, hi] to the histogram bin holding the k-th value."""
+    def times() -> Iterator[np.ndarray]:
+        for bucket in buckets:
+            yield pq.read_table(bucket, columns=["t"])["t"].to_numpy()
+
+    lo, hi = np.iinfo(np.int64).min, np.iinfo(np.int64).max
+    below, inside = 0, None  # values < lo; values in [lo, hi] (None: not yet counted)
+    while True:
+        if lo == hi and inside is not None:
+            return lo
+        if inside is not None and inside <= _SELECT_ROWS:
+            got = np.sort(np.concatenate([t[(t >= lo) & (t <= hi)] for t in times()]))
+            return int(got[k - below])
+        if inside is None:  # first pass: the range itself
+            lo = min((int(t.min()) for t in times() if len(t)), default=0)
+            hi = max((int(t.max()) for t in times() if len(t)), default=0)
+        width = (hi - lo) // 65536 + 1  # Python ints: no overflow
+        hist = np.zeros(65536, np.int64)
+        for t in times():
+            t = t[(t >= lo) & (t <= hi)]
+            hist += np.bincount((t - lo) // width, minlength=65536)[:65536]
+        cum = np.cumsum(hist)
+        b = int(np.searchsorted(cum, k - below, side="right"))
+        below += int(cum[b - 1]) if b else 0
+        inside = int(hist[b])
+        lo, hi = lo + b * width, min(hi, lo + (b + 1) * width - 1)
+
+
+def _cutoff_of_buckets(buckets: Sequence[str], n: int, cfg: MineConfig) -> pd.Timestamp:
+    """:func:`_cutoff` of the times of ``n`` bucketed events, without holding them."""
+    if cfg.test_after or not n:
+        return _cutoff(np.zeros(0, np.int64) if not n else None, cfg)
+    # numpy's quantile with method="lower" takes the floor of (n - 1) q
+    k = int(np.floor((n - 1) * np.float64(1.0 - cfg.test_share)))
+    return pd.Timestamp(_kth_time(buckets, k), tz="UTC")
+
+
+def _note_part(names: pa.Array, partitions: int) -> np.ndarray:
+    """(n,) the pair partition of each note id: a hash of the id, the same in every bucket."""
+    return pd.util.hash_array(names.to_numpy(zero_copy_only=False)) % np.uint64(partitions)
+
+
+# spilled pair tables are Arrow IPC files with LZ4 buffers: several times faster to write and
+# read back than Parquet, a little larger on disk
+_SPILL = pa.ipc.IpcWriteOptions(compression="lz4")
+
+
+def _spill_writer(path: str, schema: pa.Schema) -> pa.ipc.RecordBatchFileWriter:
+    return pa.ipc.new_file(path, schema, options=_SPILL)
+
+
+def _write_spill(table: pa.Table, path: str) -> None:
+    with _spill_writer(path, table.schema) as w:
+        w.write_table(table)
+
+
+def _read_spill(path: str) -> pa.Table:
+    with pa.OSFile(path) as f:
+        return pa.ipc.open_file(f).read_all()
+
+
+def _seen(n: int, *codes: np.ndarray) -> np.ndarray:
+    """(n,) bool: which of 0..n-1 occur in ``codes`` (a distinct count without sorting)."""
+    seen = np.zeros(n, bool)
+    for c in codes:
+        seen[c] = True
+    return seen
 
 
 class _Partial:
-    """Directed scores of disjoint user sets, summed at :meth:`select`; counts as in _mine.
+    """Directed scores of disjoint user sets, summed and selected at :meth:`select` one
+    partition of notes at a time; counts as in _mine.
 
-    Partial scores are kept as Arrow tables (note ids as Arrow strings, ~40 B a row where
-    Python string objects take ~150) and coded to global note ids with Arrow hashing."""
+    :meth:`add` writes each bucket's directed pair scores to Parquet files under ``tmp``, one per
+    partition of note ids (a hash of the id): a pair goes to the partitions of both its notes.
+    A partition so holds every partial score of every pair touching its notes, in bucket order,
+    so it sums them (as the in-memory concatenation would) and ranks its notes' partners alone.
+    Peak memory is then about one bucket or one partition, not the whole pair table; pass as
+    many partitions as user buckets to keep a partition near a bucket's size."""
 
-    def __init__(self) -> None:
-        self.tables: list[pa.Table] = []
+    def __init__(self, tmp: str, partitions: int) -> None:
+        self.tmp, self.partitions = tmp, max(1, partitions)
+        self.writers: dict[int, pq.ParquetWriter] = {}
         self.counts = {"events": 0, "clicks": 0, "views": 0, "users": 0}
+
+    def _path(self, p: int, stage: str = "raw") -> str:
+        return os.path.join(self.tmp, f"{stage}-{p}.arrow")
 
     def add(self, ev: pd.DataFrame, cfg: MineConfig) -> None:
         clicks = int(ev["click"].sum())
@@ -411,32 +505,198 @@ class _Partial:
             return
         ids, a, b, score, users = _score_codes(ev, cfg.window_s, _support(cfg))
         names = pa.array(ids.astype(str).to_numpy(object), pa.string())
-        cols = {"query_id": names.take(pa.array(a)), "target_id": names.take(pa.array(b)),
-                "score": pa.array(score, pa.float64())}
+        part = _note_part(names, self.partitions).astype(np.int64)
+        pa_, pb_ = part[a], part[b]
+        other = np.flatnonzero(pb_ != pa_)
+        rows, dest = np.r_[np.arange(len(a)), other], np.r_[pa_, pb_[other]]
+        # rows keep the bucket's (a, b) order inside each partition, so both partitions of a
+        # pair sum its partial scores in the same order and agree to the last bit
+        order = np.lexsort((rows, dest))
+        rows, dest = rows[order], dest[order]
+        cols = {"query_id": names.take(pa.array(a[rows])),
+                "target_id": names.take(pa.array(b[rows])),
+                "score": pa.array(score[rows], pa.float64()),
+                "query_part": pa.array(pa_[rows], pa.int32()),  # so no partition hashes again
+                "target_part": pa.array(pb_[rows], pa.int32())}
+        if users is not None:
+            cols["users"] = pa.array(users[rows], pa.int64())
+        table = pa.table(cols)
+        starts = np.flatnonzero(np.r_[True, dest[1:] != dest[:-1]])
+        for s, e in zip(starts, np.r_[starts[1:], len(dest)], strict=True):
+            p = int(dest[s])
+            if p not in self.writers:
+                self.writers[p] = _spill_writer(self._path(p), table.schema)
+            self.writers[p].write_table(table.slice(s, e - s))
+
+    def _summed(self, p: int, cfg: MineConfig) -> tuple[pa.Array, np.ndarray, np.ndarray,
+                                                        np.ndarray, np.ndarray | None,
+                                                        np.ndarray]:
+        """Partition p's pairs summed: (ids, q, t, score, users, part) with q, t codes into the
+        sorted ``ids`` (rows sorted by (q, t); q < t when symmetric), users None unless
+        ``cfg.min_users`` > 1, part (n_ids,) int64: each note's partition (p: its own).
+
+        The first call sums the raw partial scores and keeps the result on disk, coded; later
+        calls read that back."""
+        if os.path.exists(self._path(p, "sum")):
+            table = _read_spill(self._path(p, "sum"))
+            notes = _read_spill(self._path(p, "ids"))
+            users = table["users"].to_numpy() if "users" in table.column_names else None
+            return (notes["id"].combine_chunks(), table["q"].to_numpy(), table["t"].to_numpy(),
+                    table["score"].to_numpy(), users, notes["part"].to_numpy())
+        table = _read_spill(self._path(p))
+        q_ids, t_ids = table["query_id"], table["target_id"]
+        ids = pc.unique(pa.chunked_array(q_ids.chunks + t_ids.chunks, pa.string()))
+        ids = ids.take(pc.sort_indices(ids))  # UTF-8 byte order = code point order
+        a = pc.index_in(q_ids, value_set=ids).to_numpy().astype(np.int64)
+        b = pc.index_in(t_ids, value_set=ids).to_numpy().astype(np.int64)
+        part = np.empty(len(ids), np.int64)
+        part[a] = table["query_part"].to_numpy()
+        part[b] = table["target_part"].to_numpy()
+        score = table["score"].to_numpy()
+        users = table["users"].to_numpy() if "users" in table.column_names else None
+        del table, q_ids, t_ids
+        n = np.int64(max(len(ids), 1))
+        q, t = (np.minimum(a, b), np.maximum(a, b)) if cfg.symmetric else (a, b)
+        del a, b
+        key, score, users = _group_sum(q * n + t, score, users if cfg.min_users > 1 else None)
+        q, t = key // n, key % n
+        cols = {"q": pa.array(q), "t": pa.array(t), "score": pa.array(score, pa.float64())}
         if users is not None:
             cols["users"] = pa.array(users, pa.int64())
-        self.tables.append(pa.table(cols))
+        _write_spill(pa.table(cols), self._path(p, "sum"))
+        _write_spill(pa.table({"id": ids, "part": pa.array(part)}), self._path(p, "ids"))
+        os.remove(self._path(p))
+        return ids, q, t, score, users, part
 
-    def select(self, cfg: MineConfig) -> tuple[pd.DataFrame, dict]:
-        if not self.tables:
+    def select(self, cfg: MineConfig, drop_notes: pa.Array | None = None
+               ) -> tuple[pd.DataFrame, dict, int]:
+        """:func:`_select_codes` over all partitions: the same pairs and stats, and the number of
+        selected pairs removed because they touch a note in ``drop_notes`` (string ids, for the
+        time split's test notes: removed here, partition by partition, they are never held)."""
+        for w in self.writers.values():
+            w.close()
+        parts, self.writers = sorted(self.writers), {}
+        if not parts:
             pairs, stats = _mine(_prepare(pd.DataFrame(columns=EVENT_COLUMNS)), cfg)
-        else:
-            table = pa.concat_tables(self.tables)
-            self.tables = []
-            q_ids, t_ids = table["query_id"], table["target_id"]
-            ids = pc.unique(pa.chunked_array(q_ids.chunks + t_ids.chunks, pa.string()))
-            ids = ids.take(pc.sort_indices(ids))  # UTF-8 byte order = code point order
-            a = pc.index_in(q_ids, value_set=ids).to_numpy().astype(np.int64)
-            b = pc.index_in(t_ids, value_set=ids).to_numpy().astype(np.int64)
-            score = table["score"].to_numpy()
-            users = table["users"].to_numpy() if "users" in table.column_names else None
-            del table, q_ids, t_ids
-            q, t, s, stats = _select_codes(a, b, score, len(ids), cfg, users)
-            pairs = pd.DataFrame({"query_id": ids.take(pa.array(q)).to_pandas(),
-                                  "target_id": ids.take(pa.array(t)).to_pandas(),
-                                  "score": s.astype(np.float64)})
+            return pairs, {**self.counts, **{k: v for k, v in stats.items()
+                                             if k not in self.counts}}, 0
+        # pass 1: sum each partition (kept on disk, summed), count pairs (each in its query
+        # note's partition) and notes (each in its own partition) for the min_users coverage
+        scored = kept_pairs = notes_any = notes_kept = 0
+        for p in parts:
+            _, q, t, _, users, part = self._summed(p, cfg)
+            own = part == p
+            scored += int(own[q].sum())
+            notes_any += int((own & _seen(len(part), q, t)).sum())
+            if users is not None:
+                keep = users >= cfg.min_users
+                kept_pairs += int((own[q] & keep).sum())
+                notes_kept += int((own & _seen(len(part), q[keep], t[keep])).sum())
+        log.info("%d pair partitions summed: %d scored pairs", len(parts), scored)
+        stats: dict = {"scored_pairs": scored}
+        applied = False
+        if cfg.min_users > 1:
+            applied = notes_kept >= MIN_USERS_COVERAGE * notes_any
+            stats["min_users"] = {"threshold": cfg.min_users, "pairs_kept": kept_pairs,
+                                  "notes_with_pairs": notes_any, "notes_kept": notes_kept,
+                                  "applied": applied}
+            if not applied:
+                log.warning("mine.min_users=%d would leave %d of %d notes with a pair (%d of %d "
+                            "pairs), under %.0f %%: too sparse for a support threshold, so every "
+                            "pair is kept", cfg.min_users, notes_kept, notes_any, kept_pairs,
+                            scored, 100 * MIN_USERS_COVERAGE)
+
+        def supported(p: int) -> tuple:
+            ids, q, t, s, users, part = self._summed(p, cfg)
+            if applied:
+                keep = users >= cfg.min_users
+                q, t, s = q[keep], t[keep], s[keep]
+            return ids, q, t, s, part
+
+        stats["after_min_users"] = kept_pairs if applied else scored
+        lo_q, hi_q = cfg.min_score_quantile, cfg.max_score_quantile
+        bounds = None
+        if stats["after_min_users"] and (lo_q > 0.0 or hi_q < 1.0):
+            # the one table that grows with the pairs: their scores, 8 bytes a pair
+            scores = []
+            for p in parts:
+                _, q, _, s, part = supported(p)
+                scores.append(s[part[q] == p])
+            bounds = np.quantile(np.concatenate(scores), [lo_q, hi_q])
+            del scores
+            stats["score_bounds"] = [float(bounds[0]), float(bounds[1])]
+        # pass 2: drop, then rank the partners of this partition's notes; a pair kept goes to
+        # the partition of its query note, where pass 3 meets it again if both notes kept it
+        inside_n, kept = 0, {}
+        try:
+            for p in parts:
+                ids, q, t, s, part = supported(p)
+                if bounds is not None:
+                    inside = (s >= bounds[0]) & (s <= bounds[1])
+                    q, t, s = q[inside], t[inside], s[inside]
+                own = part == p
+                inside_n += int(own[q].sum())
+                mine_q, mine_t = np.flatnonzero(own[q]), np.flatnonzero(own[t])
+                if cfg.symmetric:
+                    # as _select_codes: [t-ends, q-ends] list every note's partners ascending
+                    rows = np.r_[mine_t, mine_q]
+                    top = rows[_top_k(np.r_[t[mine_t], q[mine_q]], s[rows], cfg.top_k)]
+                else:
+                    top = mine_q[_top_k(q[mine_q], s[mine_q], cfg.top_k)]
+                top = np.flatnonzero(_seen(len(q), top))  # once each, ascending
+                dest = part[q[top]].astype(np.int64)
+                top = top[np.argsort(dest, kind="stable")]
+                dest = np.sort(dest)
+                table = pa.table({"query_id": ids.take(pa.array(q[top])),
+                                  "target_id": ids.take(pa.array(t[top])),
+                                  "score": pa.array(s[top], pa.float64())})
+                starts = np.flatnonzero(np.r_[True, dest[1:] != dest[:-1]])
+                for a, e in zip(starts, np.r_[starts[1:], len(dest)], strict=True) if len(dest) \
+                        else ():
+                    d = int(dest[a])
+                    if d not in kept:
+                        kept[d] = _spill_writer(self._path(d, "kept"), table.schema)
+                    kept[d].write_table(table.slice(a, e - a))
+                os.remove(self._path(p, "sum"))
+                os.remove(self._path(p, "ids"))
+        finally:
+            for w in kept.values():
+                w.close()
+        stats["after_outlier_drop"] = inside_n
+        # pass 3: each partition's kept pairs by query note, a pair kept by both its notes twice
+        # (with the same score: both partitions summed it alike) and so deduplicated here
+        out, n_kept, removed = [], 0, 0
+        for p in sorted(kept):
+            table = _read_spill(self._path(p, "kept"))
+            os.remove(self._path(p, "kept"))
+            table = table.take(pc.sort_indices(table, [("query_id", "ascending"),
+                                                       ("target_id", "ascending")]))
+            qs, ts = table["query_id"], table["target_id"]
+            if len(table) > 1:
+                same = pc.and_(pc.equal(qs.slice(1), qs.slice(0, len(table) - 1)),
+                               pc.equal(ts.slice(1), ts.slice(0, len(table) - 1)))
+                table = table.filter(pa.array(np.r_[True, ~same.to_numpy(zero_copy_only=False)]))
+            n_kept += len(table)
+            if drop_notes is not None and len(table):
+                touching = pc.or_(pc.is_in(table["query_id"], value_set=drop_notes),
+                                  pc.is_in(table["target_id"], value_set=drop_notes))
+                removed += int(pc.sum(touching).as_py() or 0)
+                table = table.filter(pc.invert(touching))
+            out.append(table)
+        stats["after_top_k"] = n_kept
+        log.info("%d pairs selected in %d pair partitions, %d removed touching dropped notes",
+                 n_kept, len(parts), removed)
+        table = pa.concat_tables(out) if out else pa.table(
+            {"query_id": pa.array([], pa.string()), "target_id": pa.array([], pa.string()),
+             "score": pa.array([], pa.float64())})
+        del out
+        table = table.take(pc.sort_indices(table, [("query_id", "ascending"),
+                                                   ("target_id", "ascending")]))
+        pairs = pd.DataFrame({"query_id": table["query_id"].to_pandas(),
+                              "target_id": table["target_id"].to_pandas(),
+                              "score": table["score"].to_numpy()})
         return pairs, {**self.counts, **{k: v for k, v in stats.items()
-                                         if k not in self.counts}}
+                                         if k not in self.counts}}, removed
 
 
 def mine_pairs_files(paths: Sequence[str], cfg: MineConfig, partitions: int = 16,
@@ -445,14 +705,17 @@ def mine_pairs_files(paths: Sequence[str], cfg: MineConfig, partitions: int = 16
 
     One pass writes every batch's rows to ``partitions`` temporary Parquet buckets by a hash of
     user_id, so each user (and so N_u) lies whole in one bucket; each bucket is then scored in
-    memory and the partial directed scores (and distinct-user counts, for ``cfg.min_users``)
-    are summed before selection. Peak memory is about one bucket plus the directed pair table.
+    memory and its partial directed scores (and distinct-user counts, for ``cfg.min_users``)
+    written to ``partitions`` pair partitions by a hash of each of their notes; each partition
+    is then summed and its notes' partners ranked alone (:class:`_Partial`). Peak memory is
+    about one bucket or one pair partition.
     """
     with tempfile.TemporaryDirectory(prefix="mine-pairs-") as tmp:
-        partial = _Partial()
+        os.mkdir(os.path.join(tmp, "pairs"))
+        partial = _Partial(os.path.join(tmp, "pairs"), partitions)
         for bucket in _bucket(paths, tmp, partitions, batch_rows)["buckets"]:
             partial.add(pq.read_table(bucket).to_pandas(), cfg)
-    return partial.select(cfg)[0]  # sums across buckets
+        return partial.select(cfg)[0]
 
 
 # -- the same scoring as SQL, for a warehouse engine -------------------------------------------
@@ -558,12 +821,18 @@ def split_pairs(pairs: pd.DataFrame | None, events: pd.DataFrame, cfg: MineConfi
 
 
 def _finish_split(train: pd.DataFrame, test: pd.DataFrame, info: dict, rng: np.random.Generator,
-                  cfg: MineConfig) -> tuple[dict[str, pd.DataFrame], dict]:
+                  cfg: MineConfig, test_notes: pa.Array | None = None
+                  ) -> tuple[dict[str, pd.DataFrame], dict]:
     """The tail of :func:`split_pairs` once train and test pairs are known: drop train pairs
-    touching a test note, hold out val, assert no leak, count."""
-    in_q, in_t = _touching(train, _notes(test))
-    info["removed"]["train_touching_test"] = int((in_q | in_t).sum())
-    train = train[~(in_q | in_t)].reset_index(drop=True)
+    touching a test note, hold out val, assert no leak, count. ``test_notes``: ``_notes(test)``
+    when the caller has it."""
+    in_q, in_t = _touching(train, _notes(test) if test_notes is None else test_notes)
+    touching = in_q | in_t
+    del in_q, in_t
+    info["removed"]["train_touching_test"] = int(touching.sum())
+    if touching.any():  # no copy of the train pairs when none goes
+        train = train[~touching].reset_index(drop=True)
+    del touching
     held = np.zeros(len(train), dtype=bool)
     held[rng.permutation(len(train))[:round(cfg.val_share * len(train))]] = True
     train, val = train[~held].reset_index(drop=True), train[held].reset_index(drop=True)
@@ -618,26 +887,29 @@ def count_events(uri: str, ext: str) -> int:
 def _mine_streamed(events_uri: str, n_events: int, cfg: MineConfig,
                    notes_ids: Collection[str] | None, batch_rows: int = 1 << 20
                    ) -> tuple[dict[str, pd.DataFrame], dict, int, int]:
-    """:func:`split_pairs` of :func:`mine_pairs` without holding the events: they stream into
-    user buckets on local disk (each about half ``cfg.in_memory_max_events``), each bucket is
-    scored alone and the partial scores summed, as in :func:`mine_pairs_files`. The time split's
-    cut-off is computed from the event times alone (8 bytes an event). Returns (splits, info,
+    """:func:`split_pairs` of :func:`mine_pairs` without holding the events or the pair table:
+    events stream into user buckets on local disk (each about half
+    ``cfg.in_memory_max_events``), each bucket is scored alone and its partial pair scores go to
+    as many pair partitions by note, each then summed and ranked alone (:class:`_Partial`). The
+    time split's cut-off is found by passes over the buckets' times. Returns (splits, info,
     events read, events dropped); the same pairs and info as the in-memory path."""
     partitions = max(2, -(-2 * n_events // cfg.in_memory_max_events))
     rng = np.random.default_rng(cfg.seed)
     info: dict = {"method": cfg.split, "cutoff": None, "removed": {}}
     with tempfile.TemporaryDirectory(prefix="mine-pairs-") as tmp:
         b = _bucket([events_uri], tmp, partitions, min(batch_rows, cfg.in_memory_max_events),
-                    notes_ids, keep_times=cfg.split == "time" and not cfg.test_after)
+                    notes_ids)
         log.info("%d events in %d user buckets", b["read"] - b["dropped"], len(b["buckets"]))
         cut = None
         if cfg.split == "time":
-            times = b.pop("times")
-            cut = _cutoff(times if times is not None else np.zeros(0, np.int64), cfg)
-            del times
-        parts = {"before": _Partial(), "after": _Partial()} if cut is not None else \
-            {"all": _Partial()}
-        for bucket in b["buckets"]:
+            cut = _cutoff_of_buckets(b["buckets"], b["read"] - b["dropped"], cfg)
+        names = ("before", "after") if cut is not None else ("all",)
+        for name in names:
+            os.mkdir(os.path.join(tmp, name))
+        parts = {name: _Partial(os.path.join(tmp, name), partitions) for name in names}
+        for i, bucket in enumerate(b["buckets"]):
+            if i and i % 10 == 0:
+                log.info("%d of %d user buckets scored", i, len(b["buckets"]))
             ev = pq.read_table(bucket).to_pandas()
             if cut is None:
                 parts["all"].add(ev, cfg)
@@ -646,14 +918,32 @@ def _mine_streamed(events_uri: str, n_events: int, cfg: MineConfig,
                 parts["before"].add(ev[~after], cfg)
                 parts["after"].add(ev[after], cfg)
             del ev
+            os.remove(bucket)
+        log.info("%d user buckets scored into %d pair partitions", len(b["buckets"]), partitions)
+        if cut is not None:
+            # test pairs first: train pairs touching their notes are then removed as they are
+            # selected, so the train pairs are never held whole (the in-memory split removes
+            # them after selection: the same pairs and counts)
+            info["cutoff"], info["mining_before"] = cut.isoformat(), None  # the in-memory order
+            test, info["mining_after"], _ = parts["after"].select(cfg)
+            info["events"] = None
+            test_notes = _notes(test)
+            touching = [0]
+
+            def train() -> pd.DataFrame:  # no name here holds the train pairs during the split
+                pairs, info["mining_before"], touching[0] = parts["before"].select(
+                    cfg, test_notes.cast(pa.string()))
+                return pairs
+
+            splits, info = _finish_split(train(), test, info, rng, cfg, test_notes)
+            del test, test_notes
+            info["removed"]["train_touching_test"] += touching[0]
+        else:
+            pairs = parts["all"].select(cfg)[0]
     if cut is not None:
-        train, info["mining_before"] = parts["before"].select(cfg)
-        test, info["mining_after"] = parts["after"].select(cfg)
-        info["cutoff"], info["events"] = cut.isoformat(), {
-            "before": info["mining_before"]["events"], "after": info["mining_after"]["events"]}
-        splits, info = _finish_split(train, test, info, rng, cfg)
+        info["events"] = {"before": info["mining_before"]["events"],
+                          "after": info["mining_after"]["events"]}
     else:
-        pairs = parts["all"].select(cfg)[0]
         splits, info = split_pairs(pairs, pd.DataFrame(columns=EVENT_COLUMNS), cfg)
     return splits, info, b["read"], b["dropped"]
 

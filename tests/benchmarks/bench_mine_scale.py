@@ -11,7 +11,8 @@ reported. Events are generated in chunks and written as they come, never held al
 
     python tests/benchmarks/bench_mine_scale.py --events 10000000            # both engines
     python tests/benchmarks/bench_mine_scale.py --events 100000000 --engines buckets \
-        --max-rss-gib 4                                    # exits 1 when over the bound
+        --max-rss-gib 4          # kills the run and exits 1 when over the bound
+    MINE_SCALE_LOG=1 python ...  # the step's progress (stages, counts) on stderr
 
 ``bench_scale(n)`` returns rows shaped like run_all.py's (name, ours, baseline, ratio, note).
 """
@@ -71,7 +72,20 @@ def write_events(path: str, n: int, seed: int = 0) -> None:
 
 
 def _child(path: str, out: str, engine: str) -> None:
+    import logging
+
     import pyarrow.parquet as pq
+
+    if os.environ.get("MINE_SCALE_LOG"):  # the step's progress on stderr: time, RSS now, peak
+        def rss(record: logging.LogRecord) -> bool:
+            with open("/proc/self/status") as f:
+                kib = dict(line.split(":", 1) for line in f)
+            record.rss = "RSS {:.2f} GiB, peak {:.2f}".format(
+                *(int(kib[k].split()[0]) / 2**20 for k in ("VmRSS", "VmHWM")))
+            return True
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(rss)s  %(message)s")
+        logging.getLogger().handlers[0].addFilter(rss)
 
     from components.common.config import MineConfig
     from components.mine_pairs.run import run
@@ -85,17 +99,48 @@ def _child(path: str, out: str, engine: str) -> None:
     print(json.dumps({"pairs": summary["pairs"], "engine": summary["engine"]}))
 
 
-def measure(path: str, engine: str) -> dict:
-    """Seconds, peak RSS (GiB) and the pair counts of one engine's run in a child process."""
+def _rss_gib(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            line = next(x for x in f if x.startswith("VmRSS:"))
+        return int(line.split()[1]) / 2**20
+    except (OSError, StopIteration):
+        return 0.0
+
+
+def measure(path: str, engine: str, kill_over_gib: float | None = None) -> dict:
+    """Seconds, peak RSS (GiB) and the pair counts of one engine's run in a child process.
+
+    With ``kill_over_gib`` the child is killed as soon as its RSS passes that bound (polled
+    twice a second), so that a run over budget stops early on a shared machine; it then raises
+    naming the time it got to."""
+    import threading
+
     with tempfile.TemporaryDirectory(prefix="mine-scale-out-") as out:
         t0 = time.perf_counter()
         proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", path, out,
                                  engine], stdout=subprocess.PIPE, cwd=ROOT,
                                 env={**os.environ, "PYTHONPATH": ROOT})
+        killed: list[float] = []
+
+        def watch() -> None:
+            while proc.poll() is None:
+                rss = _rss_gib(proc.pid)
+                if rss > kill_over_gib:
+                    killed.append(rss)
+                    proc.kill()
+                    return
+                time.sleep(0.5)
+
+        if kill_over_gib is not None:
+            threading.Thread(target=watch, daemon=True).start()
         stdout = proc.stdout.read()
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         seconds = time.perf_counter() - t0
+    if killed:
+        raise RuntimeError(f"{engine} mining killed at {killed[0]:.2f} GiB RSS, over "
+                           f"{kill_over_gib:.2f} GiB, after {seconds:.0f} s")
     if proc.returncode:
         raise RuntimeError(f"{engine} mining failed (exit {proc.returncode})")
     result = json.loads(stdout.decode().strip().splitlines()[-1])
@@ -104,13 +149,14 @@ def measure(path: str, engine: str) -> dict:
             "pairs": result["pairs"]}
 
 
-def bench_scale(n: int, engines: tuple[str, ...] = ("in_memory", "buckets")) -> list[tuple]:
+def bench_scale(n: int, engines: tuple[str, ...] = ("in_memory", "buckets"),
+                kill_over_gib: float | None = None) -> list[tuple]:
     with tempfile.TemporaryDirectory(prefix="mine-scale-") as tmp:
         path = os.path.join(tmp, "events.parquet")
         t0 = time.perf_counter()
         write_events(path, n)
         gen = time.perf_counter() - t0
-        runs = {e: measure(path, e) for e in engines}
+        runs = {e: measure(path, e, kill_over_gib) for e in engines}
     rows = []
     for e, r in runs.items():
         agree = len({json.dumps(x["pairs"]) for x in runs.values()}) == 1
@@ -132,7 +178,13 @@ def main() -> None:
     if args.child:
         _child(*args.child)
         return
-    rows = bench_scale(args.events, tuple(args.engines.split(",")))
+    # over the bound the child is killed at once (plus 5 %: the poll lags the allocation)
+    try:
+        rows = bench_scale(args.events, tuple(args.engines.split(",")),
+                           None if args.max_rss_gib is None else 1.05 * args.max_rss_gib)
+    except RuntimeError as e:
+        print(e)
+        sys.exit(1)
     from table import print_table
 
     print_table(rows, 1)

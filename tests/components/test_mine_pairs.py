@@ -7,6 +7,7 @@ from fractions import Fraction
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from components.common.readers import read_table, write_table
@@ -462,18 +463,22 @@ def _splits_of(out: str) -> dict[str, pd.DataFrame]:
             for name in ("train", "val", "test")}
 
 
-@pytest.mark.parametrize("split,min_users,symmetric", [
-    ("time", 2, True), ("time", 1, False), ("note", 2, True), ("none", 1, True)])
-def test_both_engines_give_the_same_pairs_and_summary(tmp_path, split, min_users, symmetric):
+@pytest.mark.parametrize("split,min_users,symmetric,quantiles", [
+    ("time", 2, True, (0.0, 1.0)), ("time", 1, False, (0.0, 1.0)), ("note", 2, True, (0.0, 1.0)),
+    ("none", 1, True, (0.0, 1.0)), ("time", 2, True, (0.1, 0.9)), ("none", 2, False, (0.1, 0.9))])
+def test_both_engines_give_the_same_pairs_and_summary(tmp_path, split, min_users, symmetric,
+                                                      quantiles):
     events = _drifting_log()
     events.loc[events.index[::50], "note_id"] = "gone"  # dropped: not in the notes tables
     path = str(tmp_path / "events.parquet")
     events.iloc[::-1].to_parquet(path, index=False, row_group_size=500)  # not in time order
     known = set(events["note_id"]) - {"gone"}
     cfg = MineConfig(window_s=1800, split=split, test_share=0.3, min_users=min_users,
-                     symmetric=symmetric, top_k=3, seed=1)
+                     symmetric=symmetric, top_k=3, seed=1, min_score_quantile=quantiles[0],
+                     max_score_quantile=quantiles[1])
     memory = run(path, str(tmp_path / "memory"), cfg, notes_ids=known)
-    # 2400 events over a limit of 700: 7 user buckets, streamed 700 rows at a time
+    # 2400 events over a limit of 700: 7 user buckets, streamed 700 rows at a time, and 7 pair
+    # partitions by note, so most pairs span two partitions and are ranked from each
     buckets = run(path, str(tmp_path / "buckets"), replace(cfg, in_memory_max_events=700),
                   notes_ids=known)
     assert memory.pop("engine")["name"] == "in_memory"
@@ -484,6 +489,10 @@ def test_both_engines_give_the_same_pairs_and_summary(tmp_path, split, min_users
     quantiles = buckets.pop("score_quantiles")
     assert quantiles == {k: pytest.approx(v, rel=1e-12)
                          for k, v in memory.pop("score_quantiles").items()}
+    for mined in ("mining_before", "mining_after"):  # the outlier drop's bounds likewise
+        bounds = buckets["split"].get(mined, {}).pop("score_bounds", None)
+        assert bounds == (None if bounds is None else pytest.approx(
+            memory["split"][mined].pop("score_bounds"), rel=1e-12))
     assert buckets == memory and memory["events"]["dropped_unknown_notes"] == 48
     got, expected = _splits_of(str(tmp_path / "buckets")), _splits_of(str(tmp_path / "memory"))
     assert len(expected["train"]) and (split == "none" or len(expected["test"]))
@@ -506,6 +515,58 @@ def test_the_step_streams_the_canonical_events(tmp_path):
         str(tmp_path / "memory"))[1]
     for name in expected:
         pd.testing.assert_frame_equal(got[name], expected[name], check_exact=False, rtol=1e-12)
+
+
+def test_pair_partitions_rank_each_note_once_and_sum_alike(tmp_path, monkeypatch):
+    """Many pair partitions (a hash of each note id) give the pairs and stats of one table."""
+    monkeypatch.setattr(mine_module, "MIN_USERS_COVERAGE", 0.0)
+    events = mine_module._prepare(pd.concat([_random_log(s).assign(user_id=lambda d, s=s:
+                                                                   d.user_id + str(s))
+                                             for s in range(4)], ignore_index=True))
+    for symmetric in (True, False):
+        cfg = MineConfig(window_s=1800, top_k=2, symmetric=symmetric, min_users=2)
+        expected, expected_stats = mine_module._mine(events, cfg)
+        drop = pd.unique(expected["target_id"])[::3]  # notes whose pairs are removed
+        for name, notes in (("all", None), ("drop", pa.array(drop, pa.string()))):
+            os.makedirs(tmp_path / f"{symmetric}-{name}")
+            partial = mine_module._Partial(str(tmp_path / f"{symmetric}-{name}"), 5)
+            for _, part in events.groupby(events["user_id"].str[-1]):  # 4 disjoint user sets
+                partial.add(part.reset_index(drop=True), cfg)
+            assert len(partial.writers) >= 3  # the pairs really are spread
+            got, stats, removed = partial.select(cfg, notes)
+            assert stats == expected_stats and len(expected)
+            touching = expected["query_id"].isin(drop) | expected["target_id"].isin(drop)
+            assert removed == (0 if notes is None else touching.sum()) and (notes is None or removed)
+            want = expected if notes is None else expected[~touching].reset_index(drop=True)
+            pd.testing.assert_frame_equal(got, want, check_exact=False, rtol=1e-12)
+
+
+@pytest.mark.parametrize("share", [0.0, 0.2, 0.5, 0.97])
+def test_time_cutoff_from_buckets_is_the_quantile(tmp_path, share, monkeypatch):
+    """The streamed cut-off narrows a histogram pass by pass; it lands on numpy's quantile."""
+    monkeypatch.setattr(mine_module, "_SELECT_ROWS", 7)  # force several narrowing passes
+    rng = np.random.default_rng(5)
+    times = np.r_[rng.integers(-10**15, 10**18, 3000), np.full(40, 123456789)]  # ties too
+    paths = []
+    for i, chunk in enumerate(np.array_split(rng.permutation(times), 4)):
+        paths.append(str(tmp_path / f"{i}.parquet"))
+        pd.DataFrame({"t": chunk}).to_parquet(paths[-1])
+    cfg = MineConfig(test_share=share)
+    assert mine_module._cutoff_of_buckets(paths, len(times), cfg) == \
+        mine_module._cutoff(times, cfg)
+
+
+@pytest.mark.parametrize("bad", ["yesterday", ""])
+def test_bad_timestamp_names_file_row_and_field_on_both_engines(tmp_path, bad):
+    events = pd.concat([HAND] * 3, ignore_index=True)
+    events["ts"] = events["ts"].map(pd.Timestamp.isoformat)
+    events.loc[29, "ts"] = bad  # file row 30: in the second streamed batch
+    path = str(tmp_path / "events.csv")
+    events.to_csv(path, index=False)
+    message = rf"events\.csv row 30, field 'ts': unparseable timestamp '{bad}'"
+    for limit in (10**6, 17):  # in memory, then streamed 17 rows at a time
+        with pytest.raises(DataError, match=message):
+            run(path, str(tmp_path / "out"), MineConfig(in_memory_max_events=limit))
 
 
 def test_count_events_reads_no_data(tmp_path):
