@@ -196,7 +196,8 @@ class IndexConfig:
     select_sample: int = 200_000  # vectors the auto candidates are built and measured on
     # lists searched per query; 0 = the smallest on a ladder of +19 % steps (1, 2, 3, ..., 8, 10,
     # 11, 13, 16, ...) whose leave-one-out recall@recall_k vs exact search on a sample of
-    # collection vectors reaches `target_recall` (HNSW indexes tune efSearch the same way)
+    # collection vectors reaches `target_recall` + `recall_margin` (found by galloping and
+    # bisecting; HNSW indexes tune efSearch the same way)
     nprobe: int = 0
     target_recall: float = 0.95
     # knobs are tuned to target_recall + recall_margin on one sample of queries, so that other
