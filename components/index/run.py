@@ -247,8 +247,7 @@ def tune(index, probe, knob: str, target: float, *, upper: int, lower: int = 1,
     ``lower``, and the largest value searched is at most ~2× the answer past ``start``. Going
     up stops, not reached, once a search that misses the target takes longer than
     ``give_up_seconds`` (every larger value is slower still)."""
-    values = sorted({lower, *(v for v in LADDER if lower < v < upper)}) + [upper]
-    values = sorted(set(values))
+    values = sorted({lower, upper, *(v for v in LADDER if lower < v < upper)})
     tried: dict[int, float] = {}
 
     def reaches(i: int) -> bool:
