@@ -200,9 +200,14 @@ class IndexConfig:
     select_sample: int = 200_000  # vectors the auto candidates are built and measured on
     # lists searched per query; 0 = the smallest on a ladder of +19 % steps (1, 2, 3, ..., 8, 10,
     # 11, 13, 16, ...) whose leave-one-out recall@recall_k vs exact search on a sample of
-    # collection vectors reaches `target_recall` (HNSW indexes tune efSearch the same way)
+    # collection vectors reaches `target_recall` + `recall_margin` (found by galloping and
+    # bisecting; HNSW indexes tune efSearch the same way)
     nprobe: int = 0
     target_recall: float = 0.95
+    # knobs are tuned to target_recall + recall_margin on one sample of queries, so that other
+    # queries (the check sample, fresh queries) still reach the target; a check sample below
+    # the target steps the knob up until it reaches it too
+    recall_margin: float = 0.01
     train_sample: int = 0  # vectors the quantiser is trained on; 0 = min(N, max(64*nlist, 65536))
     add_batch: int = 65_536  # vectors per add() call
     recall_k: int = 100
@@ -216,6 +221,8 @@ class IndexConfig:
             raise ValueError(f"index.use_gpu must be auto, never or always, not {self.use_gpu!r}")
         if not 0.0 < self.target_recall <= 1.0:
             raise ValueError(f"index.target_recall must be in (0, 1], not {self.target_recall}")
+        if not 0.0 <= self.recall_margin < 1.0:
+            raise ValueError(f"index.recall_margin must be in [0, 1), not {self.recall_margin}")
         if min(self.add_batch, self.recall_k, self.recall_queries) < 1:
             raise ValueError("index.add_batch, index.recall_k and index.recall_queries must be "
                              "at least 1")

@@ -121,7 +121,22 @@ def index_recall(index_dir: str, kept: list[tuple[str, str]], pool_ids: list[str
         short += int((valid.sum(1) < kmax).sum())
     out = {f"index/R@{k}": float(np.mean(ranks < k)) for k in ks}
     return out | {"index/depth": depth, "index/short_lists": short / len(kept),
-                  "index/factory": meta.get("factory", "")}
+                  "index/factory": meta.get("factory", "")} | index_choice(meta)
+
+
+def index_choice(meta: dict) -> dict:
+    """The index step's choice from its ``index.json``, for metrics.json and the report: search
+    parameters, recall vs exact search, the reason and the candidates measured (factory,
+    search parameters, recall, queries/s, speed vs Flat), when it chose by measurement."""
+    chosen = meta.get("chosen", {})
+    keep = ("factory", "search_params", "reached_target", "recall", "queries_per_second",
+            "speed_vs_flat")
+    return {"index/search_params": meta.get("search_params", {}),
+            "index/recall_vs_exact": meta.get("recall"),
+            "index/reason": chosen.get("reason", ""),
+            "index/speed_vs_exact_full": chosen.get("speed_vs_exact_full"),
+            "index/candidates": [{k: c[k] for k in keep if k in c}
+                                 for c in meta.get("candidates", [])]}
 
 
 def saliency_summary(model_dir: str, test_notes: pd.DataFrame, test_pairs: pd.DataFrame,
@@ -300,6 +315,8 @@ def report_markdown(result: dict, manifest: dict) -> str:
                   "![probes and slices](probes_slices.png)", ""]
     if "champion_version" in result:
         lines += _comparison_markdown(result)
+    if result.get("index/factory"):
+        lines += _index_markdown(result)
     if "saliency/image_share" in result:
         lines += [f"Saliency over {result['saliency/pairs']} test pairs (share of the final "
                   "token's attention×gradient flow, summed over layers): image "
@@ -311,6 +328,30 @@ def report_markdown(result: dict, manifest: dict) -> str:
               + " notes; " + ", ".join(f"{k} {v}" for k, v in manifest.get("pairs", {}).items())
               + " pairs.", ""]
     return "\n".join(lines)
+
+
+def _index_markdown(result: dict) -> list[str]:
+    """The index searched: its factory and parameters, recall vs exact search, and the candidates
+    the index step measured when it chose by measurement."""
+    params = ", ".join(f"{k}={v}" for k, v in result.get("index/search_params", {}).items())
+    recall = result.get("index/recall_vs_exact")
+    rows = ["## Index", "",
+            f"`{result['index/factory']}` ({params or 'exact search'})"
+            + (f", recall@K vs exact search {recall:.4f} at build time" if recall is not None
+               else "") + (f"; {result['index/reason']}" if result.get("index/reason") else "")
+            + ".", ""]
+    if cands := result.get("index/candidates"):
+        rows += ["| candidate | search parameters | recall vs exact | queries/s | vs Flat |",
+                 "| --- | --- | --- | --- | --- |"]
+        for c in cands:
+            qps = c.get("queries_per_second")
+            rows.append(f"| {c['factory']} | "
+                        + ", ".join(f"{k}={v}" for k, v in c.get("search_params", {}).items())
+                        + f" | {c.get('recall', float('nan')):.4f} | "
+                        + (f"{qps:,.0f} | {c.get('speed_vs_flat', 0):.2f}x |" if qps
+                           else "target not reached | |"))
+        rows.append("")
+    return rows
 
 
 def _comparison_markdown(result: dict) -> list[str]:

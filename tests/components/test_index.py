@@ -114,8 +114,12 @@ def test_ivf_reaches_target_recall_with_recorded_nprobe(clustered):
     assert meta["candidates"] == [] and meta["chosen"]["reason"] == "index.factory"
     nprobe = meta["search_params"]["nprobe"]
     assert 1 <= nprobe < meta["nlist"]  # tuned, not an exhaustive scan
-    assert meta["tuning"][-1] == {"nprobe": nprobe, "recall": meta["tuning"][-1]["recall"]}
-    assert meta["tuning"][-1]["recall"] >= 0.95 > meta["tuning"][-2]["recall"]
+    # tuned to target + margin: the chosen value reaches it, the ladder value below it misses
+    assert meta["tuned_to"] == pytest.approx(0.96)
+    curve = {step["nprobe"]: step["recall"] for step in meta["tuning"]}
+    below = max(v for v in index_run.LADDER if v < nprobe)
+    assert curve[nprobe] >= 0.96 > curve[below]
+    assert len(curve) <= 8  # galloped and bisected, not walked from 1 (13 ladder values to 16)
     assert meta["recall"] >= 0.93  # a disjoint sample: close to the target, not tuned on
     # fresh queries near the data, plain numpy ground truth
     q = queries_near(clustered, 300, seed=7)
@@ -231,3 +235,59 @@ def test_gpu_build_matches_cpu_quality(clustered):
     assert meta["recall"] >= 0.93
     _, flat = build_index(clustered[:3000], cfg, **QUIET)
     assert flat["recall"] == 1.0
+
+
+class _StepProbe:
+    """Recall that rises with the knob: 0.5 below ``need``, 0.97 from it on; counts searches."""
+
+    def __init__(self, need: int, shift: float = 0.0):
+        self.need, self.shift, self.searches, self.seconds = need, shift, [], 0.0
+
+    def recall(self, index) -> float:
+        value = index.nprobe
+        self.searches.append(value)
+        self.seconds = value / 100  # larger values search longer
+        return (0.97 if value >= self.need else 0.5) - self.shift
+
+
+def test_tune_gallops_and_bisects_to_the_smallest_value():
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(8), 8, 4096, faiss.METRIC_INNER_PRODUCT)
+    for need, start in [(861, 0), (861, 13), (13, 861), (1, 54), (4096, 0)]:
+        probe = _StepProbe(need)
+        value, curve, reached = index_run.tune(index, probe, "nprobe", 0.95, upper=4096,
+                                               start=start)
+        assert reached and value == min(v for v in index_run.LADDER if v >= need)
+        assert [c["nprobe"] for c in curve] == sorted(set(probe.searches))  # in knob order
+        assert len(probe.searches) <= 14  # the ladder to 4096 has 49 values
+    # a search that misses and is already slower than allowed ends the tuning: not reached
+    probe = _StepProbe(861)
+    value, curve, reached = index_run.tune(index, probe, "nprobe", 0.95, upper=4096,
+                                           give_up_seconds=0.5)
+    assert not reached and max(probe.searches) < 861 and value == max(probe.searches)
+
+
+def test_check_sample_below_target_steps_the_knob_up(monkeypatch, clustered):
+    """Tuning reaches target + margin on its sample; a check sample still below the target makes
+    the knob step up until it reaches it, and the index ships at that setting."""
+    made = []
+
+    class Probe:
+        def __init__(self, vectors, rows, k):
+            self.check, self.k = bool(made), k  # the second probe made is the check sample
+            made.append(self)
+
+        def recall(self, index):
+            nprobe = faiss.extract_index_ivf(index).nprobe
+            return min(1.0, nprobe / 20) - (0.1 if self.check else 0.0)
+
+    monkeypatch.setattr(index_run, "_RecallProbe", Probe)
+    cfg = IndexConfig(factory="IVF64,Flat", recall_queries=50, target_recall=0.9,
+                      recall_margin=0.01)
+    index, meta = build_index(clustered[:3_000], cfg, **QUIET)
+    # tuning stops at nprobe 19 (0.95 >= 0.91; 16 gives 0.80); the check sample gives 0.85
+    # there and reaches 0.9 from nprobe 20 on: the next ladder value, 23
+    reached = [s["nprobe"] for s in meta["tuning"] if s["recall"] >= 0.91]
+    assert min(reached) == 19 and meta["search_params"]["nprobe"] == 23
+    assert [s["nprobe"] for s in meta["check_step_up"]][-1] == 23
+    assert meta["recall"] == pytest.approx(1.0 - 0.1) and meta["recall"] >= 0.9
+    assert faiss.extract_index_ivf(index).nprobe == meta["search_params"]["nprobe"]

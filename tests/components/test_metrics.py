@@ -105,6 +105,8 @@ def test_evaluate_step_on_hand_made_vectors(tmp_path):
              index_dir=str(tmp_path / "index"))
     assert (mi["index/R@1"], mi["index/R@2"]) == (m["R@1"], m["R@2"])
     assert mi["index/short_lists"] == 0.0
+    assert mi["index/search_params"] == {} and mi["index/candidates"] == []
+    assert "## Index" in (tmp_path / "eval2" / "report.md").read_text()
     for f in ("report.md", "recall_at_k.png", "probes_slices.png"):
         assert (out / f).stat().st_size > 0
 
@@ -124,3 +126,26 @@ def test_length_slices_split_queries_and_targets_by_text_length():
     assert slices["short_target"]["target_id"].tolist() == ["a"]
     assert slices["long_target"]["target_id"].tolist() == ["b", "d"]
     assert length_slices(pairs, notes, 5)[0]["long_target"]["target_id"].tolist() == ["d"]
+
+
+def test_report_lists_the_index_candidates_measured():
+    from components.evaluate.run import _index_markdown, index_choice
+
+    meta = {"factory": "IVF4096,Flat", "search_params": {"nprobe": 16}, "recall": 0.961,
+            "chosen": {"reason": "fastest of 2 candidates", "speed_vs_exact_full": 24.0},
+            "candidates": [
+                {"factory": "Flat", "search_params": {}, "reached_target": True, "recall": 1.0,
+                 "queries_per_second": 100.0, "speed_vs_flat": 1.0, "build_seconds": 0.1},
+                {"factory": "IVF4096,Flat", "search_params": {"nprobe": 16},
+                 "reached_target": True, "recall": 0.96, "queries_per_second": 2500.0,
+                 "speed_vs_flat": 25.0},
+                {"factory": "HNSW32", "search_params": {"efSearch": 512},
+                 "reached_target": False, "recall": 0.93}]}
+    got = index_choice(meta)
+    assert got["index/search_params"] == {"nprobe": 16} and got["index/recall_vs_exact"] == 0.961
+    assert [c["factory"] for c in got["index/candidates"]] == ["Flat", "IVF4096,Flat", "HNSW32"]
+    assert "build_seconds" not in got["index/candidates"][0]  # the report's columns only
+    text = "\n".join(_index_markdown({"index/factory": "IVF4096,Flat", **got}))
+    assert "`IVF4096,Flat` (nprobe=16), recall@K vs exact search 0.9610" in text
+    assert "| IVF4096,Flat | nprobe=16 | 0.9600 | 2,500 | 25.00x |" in text
+    assert "| HNSW32 | efSearch=512 | 0.9300 | target not reached | |" in text
