@@ -49,11 +49,32 @@ def test_the_look_alikes_match_the_anchor_in_one_modality_only():
 
 def test_features_are_unit_rows_and_see_what_they_should():
     texts, pics = _notes()
-    t, v = text_features(texts), image_features([*pics, None])
+    t, v = text_features(texts).toarray(), image_features([*pics, None])
     np.testing.assert_allclose(np.linalg.norm(t, axis=1), 1.0, rtol=1e-5)
     assert np.all(v[-1] == 0)  # no image: similar to nothing
     assert t[0] @ t[2] > 0.5 > t[0] @ t[3]
     assert v[0] @ v[3] > 0.5 > v[0] @ v[2]
+
+
+def test_sparse_text_features_equal_the_dense_definition():
+    """Sparse rows are the dense hashed TF-IDF: signed log-tf per bucket, summed, times idf,
+    unit length; buckets whose terms cancel count in no note's df."""
+    import zlib
+
+    texts = ["a b a c", "b c d", "a", "", "d d d e"]
+    dim = 8
+    x = np.zeros((len(texts), dim))
+    for i, text in enumerate(texts):
+        words = text.split()
+        for w in set(words):
+            h = zlib.crc32(w.encode())
+            x[i, h % dim] += (1.0 if (h >> 31) & 1 else -1.0) * (1 + np.log(words.count(w)))
+    x *= np.log((1 + len(texts)) / (1 + (x != 0).sum(axis=0))) + 1.0
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    x = np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
+    got = text_features(texts, dim=dim)
+    assert got.shape == (5, dim) and got.nnz == np.count_nonzero(x)
+    np.testing.assert_allclose(got.toarray(), x, atol=1e-6)
 
 
 def test_excluded_rows_and_the_anchor_are_never_chosen():
