@@ -429,6 +429,5 @@ def _save(fig, out_dir: str, name: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, name)
         fig.savefig(path, dpi=100)
-        with open(path, "rb") as f:
-            storage.write_bytes(storage.join(out_dir, name), f.read())
+        storage.copy(path, storage.join(out_dir, name))
     plt.close(fig)

@@ -548,7 +548,7 @@ def _rank_error(res_uri: str, world: int, cause: TrainJobFailed) -> Exception:
         return cause
     with tempfile.TemporaryDirectory(prefix="notellm2-trainjob-") as tmp:
         for n in names:
-            storage.write_bytes(os.path.join(tmp, n), storage.read_bytes(storage.join(res_uri, n)))
+            storage.copy(storage.join(res_uri, n), os.path.join(tmp, n))
         return launch._failure(tmp, 1, world, collections.deque([str(cause)]))
 
 
@@ -681,16 +681,15 @@ def pod_main(argv: list[str] | None = None) -> int:
             for n in os.listdir(tmp):
                 if n.startswith("error-rank-"):
                     try:
-                        storage.write_bytes(storage.join(a.result_uri, n),
-                                            storage.read_bytes(os.path.join(tmp, n)))
+                        storage.copy(os.path.join(tmp, n), storage.join(a.result_uri, n))
                     except Exception as e:  # keep the training error, not the upload's
                         log.warning("could not upload %s: %s", n, e)
             raise
         if rank == 0:
             log.info("uploading the model to %s", job.model_out)
             storage.upload_dir(local.model_out, job.model_out)
-            storage.write_bytes(storage.join(a.result_uri, "result.json"),
-                                storage.read_bytes(os.path.join(tmp, "result.json")))
+            storage.copy(os.path.join(tmp, "result.json"),
+                         storage.join(a.result_uri, "result.json"))
     return 0
 
 
